@@ -1,0 +1,25 @@
+# bdsweep: backdoor-mitigation defenses benchmarked over a grid of datasets, architectures,
+# attacks, poisoning ratios and mitigation-data sizes. Stages live in workflow/rules/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "workflow/rules/common.smk"
+
+
+rule all:
+    input:
+        TABLE,
+        expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
+    default_target: True
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/resources.smk"
+include: "workflow/rules/partition.smk"
+include: "workflow/rules/poison.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/defend.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/figures.smk"

@@ -1,0 +1,61 @@
+"""The ``bdsweep`` command: ``bdsweep list``, ``bdsweep validate CONFIG`` and one subcommand per
+stage (what the Snakemake rules call)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
+from .stages import STAGES
+
+KINDS = (("attacks", ATTACKS), ("architectures", ARCHITECTURES), ("defenses", DEFENSES), ("dataset sources", SOURCES))
+
+
+def list_methods(args) -> None:
+    for title, registry in KINDS:
+        print(f"{title}:")
+        for entry in registry.entries():
+            state = "implemented" if entry.implemented else "planned"
+            print(f"  {entry.name:<20} {state:<12} {entry.description}")
+
+
+def validate(args) -> None:
+    from .config import load_config, unimplemented
+    from .grid import models, runs
+
+    config = load_config(args.config)
+    print(f"{args.config}: valid; {len(models(config))} backdoored models, {len(runs(config))} runs")
+    import yaml
+
+    with open(args.config) as handle:
+        skipped = unimplemented(yaml.safe_load(handle))
+    if skipped:
+        print(f"not implemented yet ({'skipped' if config['skip_unimplemented'] else 'refused'}): {', '.join(skipped)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bdsweep", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="registered attacks, architectures, defenses and dataset sources"
+                        ).set_defaults(handler=list_methods)
+    check = commands.add_parser("validate", help="validate a configuration file and count its grid")
+    check.add_argument("config")
+    check.set_defaults(handler=validate)
+    for stage in STAGES:
+        module = importlib.import_module(f".stages.{stage}", __package__)
+        sub = commands.add_parser(stage, help=module.__doc__.splitlines()[0])
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
+        print(f"bdsweep {args.command}: error: {str(error).strip(chr(34))}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,153 @@
+"""Configuration validation: the JSON schema (workflow/schemas/config.schema.yaml), then what a
+schema cannot know: registered names, implemented methods, hyperparameter names and types,
+dataset paths, and SPC against the reserved pool. Every error names the offending key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from .engine import Recipe
+from .params import resolve
+from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES, UnknownNameError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _key(path) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _with_defaults(validator_class):
+    """A validator that also fills in the schema's defaults (as Snakemake's validate() does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, copy.deepcopy(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as handle:
+        return yaml.safe_load(handle)
+
+
+def check_schema(config: dict) -> None:
+    validator = _with_defaults(jsonschema.Draft202012Validator)(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n" + "\n".join(
+            f"  {_key(e.absolute_path)}: {e.message}" for e in errors))
+
+
+def method_params(entry: dict | None, dataset: str) -> dict:
+    """A method's overrides for one dataset: its general keys, then by_dataset[dataset]."""
+    entry = dict(entry or {})
+    by_dataset = entry.pop("by_dataset", {}) or {}
+    return {**entry, **by_dataset.get(dataset, {})}
+
+
+def _check_name(registry, name: str, key: str) -> object:
+    try:
+        return registry.get(name)
+    except UnknownNameError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def _check_params(params_class, entry, datasets, key: str) -> None:
+    for dataset in datasets:
+        try:
+            resolve(params_class, method_params(entry, dataset), key)
+        except (KeyError, TypeError) as error:
+            raise ConfigError(str(error).strip('"')) from None
+
+
+def check_semantics(config: dict) -> None:
+    datasets = list(config["datasets"])
+    for name, options in config["datasets"].items():
+        source = _check_name(SOURCES, options["source"], f"datasets.{name}.source")
+        for option in options:
+            if option not in (*source.options, "source", "mean", "std", "hflip"):
+                raise ConfigError(f"datasets.{name}.{option}: not an option of source {options['source']!r} "
+                                  f"(it takes: {', '.join(source.options) or 'none'})")
+        for option in source.required:
+            if option not in options:
+                raise ConfigError(f"datasets.{name}.{option}: required by source {options['source']!r}")
+            path = Path(options[option]).expanduser()
+            if not path.exists() and not options.get("download", False):
+                raise ConfigError(f"datasets.{name}.{option}: path does not exist: {path}")
+    for architecture in config["architectures"]:
+        _check_name(ARCHITECTURES, architecture, "architectures")
+    for attack, entry in config["attacks"].items():
+        _check_params(_check_name(ATTACKS, attack, "attacks").params, entry, datasets, f"attacks.{attack}")
+    for defense, entry in config["defenses"].items():
+        _check_params(_check_name(DEFENSES, defense, "defenses").params, entry, datasets, f"defenses.{defense}")
+    _check_params(Recipe, config["training"], datasets, "training")
+    mitigation = config["mitigation"]
+    too_big = [spc for spc in mitigation["spc"] if spc > mitigation["pool_per_class"]]
+    if too_big:
+        raise ConfigError(f"mitigation.spc: {too_big} exceed mitigation.pool_per_class = "
+                          f"{mitigation['pool_per_class']} (the reserved pool)")
+
+
+SELECTIONS = (("attacks", ATTACKS), ("defenses", DEFENSES), ("architectures", ARCHITECTURES))
+
+
+def unimplemented(config: dict) -> list[str]:
+    """Selected methods that are registered as planned but have no implementation yet."""
+    found = []
+    for key, registry in SELECTIONS:
+        for name in config.get(key) or ():
+            try:
+                if not registry.entry(name).implemented:
+                    found.append(f"{key}.{name}")
+            except UnknownNameError:
+                pass  # reported by check_semantics
+    return found
+
+
+def _drop_unimplemented(config: dict) -> None:
+    for qualified in unimplemented(config):
+        key, name = qualified.split(".", 1)
+        if isinstance(config[key], dict):
+            del config[key][name]
+        else:
+            config[key].remove(name)
+        if not config[key]:
+            raise ConfigError(f"{key}: none of the selected {key} is implemented yet")
+
+
+def validate_config(config: dict) -> dict:
+    """Return a validated copy of ``config`` with defaults filled in, or raise ConfigError.
+
+    With ``skip_unimplemented: true`` (the paper preset), methods of the specification that are
+    not implemented yet are left out instead of refused; ``unimplemented()`` lists them."""
+    config = copy.deepcopy(dict(config))
+    check_schema(config)
+    if config["skip_unimplemented"]:
+        _drop_unimplemented(config)
+    check_semantics(config)
+    return config
+
+
+def load_config(path: str | Path) -> dict:
+    try:
+        with open(path) as handle:
+            return validate_config(yaml.safe_load(handle) or {})
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None

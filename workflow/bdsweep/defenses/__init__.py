@@ -1,0 +1,96 @@
+"""Defenses, one module each, registered in ``bdsweep.registry.DEFENSES``.
+
+The defense API is deliberately narrow. A defense is a function
+
+    defend(model, data: MitigationData, params, device) -> nn.Module | Defended
+
+It receives a freshly built model carrying only weights (no metadata), the mitigation data
+(SPC clean images per class of the training set and their labels, with normalisation, image size
+and class count), its own hyperparameters and a device. Nothing it is given leads to test data,
+poisoned data, the trigger or the target label: the defend stage builds these arguments before it
+loads any of those, and loads them only after the defense returns (see ``bdsweep.stages.defend``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..engine import Normalisation
+from ..registry import DEFENSES
+
+FAMILIES = ("none", "pruning", "fine-tuning")
+
+
+@dataclass(frozen=True)
+class MitigationData:
+    images: torch.Tensor  # uint8 NHWC, on the defense's device
+    labels: torch.Tensor  # int64
+    normalisation: Normalisation
+    image_size: int
+    num_classes: int
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise TypeError("MitigationData.images must be a uint8 NHWC tensor")
+        if len(self.images) != len(self.labels):
+            raise ValueError("MitigationData images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def run_seed() -> int:
+    """A seed for a defense's own randomness. The defend stage seeds torch per run (from the
+    model, defense and partition), so this differs between runs and repeats within one."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
+@dataclass(frozen=True)
+class Defended:
+    """What a defense may return instead of a bare model, to report what it did."""
+
+    model: nn.Module
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Defense:
+    name: str
+    run: Callable[[nn.Module, MitigationData, object, torch.device], nn.Module | Defended]
+    params: type
+    family: str
+    needs_data: bool = True
+
+
+def defense(name: str, description: str, params: type, family: str, needs_data: bool = True):
+    """Register ``run(model, data, params, device)`` as the defense ``name``."""
+    if family not in FAMILIES:
+        raise ValueError(f"defense {name!r}: family must be one of {FAMILIES}")
+
+    def decorate(run):
+        DEFENSES.register(name, description)(Defense(name, run, params, family, needs_data))
+        return run
+
+    return decorate
+
+
+DEFENSES.declare_planned({
+    "fp": "FP: fine-pruning of low-activation last-conv channels",
+    "bnp": "BNP: prune BN channels whose statistics shift on clean data",
+    "anp": "ANP: adversarial neuron perturbation + mask pruning",
+    "awm": "AWM: adversarial weight masking",
+    "rnp": "RNP: reconstructive neuron pruning",
+    "mm-bd": "MM-BD: learned activation upper bounds",
+    "npd": "NPD: neural polarizer",
+    "fst": "FST: feature-shift tuning",
+    "ft-sam": "FT-SAM: sharpness-aware fine-tuning",
+    "nad": "NAD: neural attention distillation",
+    "nc": "NC: Neural Cleanse trigger reverse engineering + unlearning",
+    "pbe": "PBE: adversarial fine-tuning with PGD examples",
+    "i-bau": "i-BAU: implicit backdoor adversarial unlearning",
+    "sau": "SAU: shared adversarial unlearning",
+})

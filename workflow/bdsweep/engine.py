@@ -1,0 +1,155 @@
+"""The training and inference engine every stage shares.
+
+Images stay uint8 NHWC on the device; each batch is cropped, flipped and normalised there, so no
+host-side data loader or per-image Python runs in the loop. Evaluation runs once, in inference
+mode, with large batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An SGD training recipe; the defaults are the survey's backdoored-model recipe."""
+
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
+    crop_padding: int = 4  # random-crop padding; 0 disables cropping
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    hflip: bool  # horizontal flips preserve labels on this dataset
+
+    def apply(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> normalised float NCHW."""
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def autocast(device: torch.device):
+    # bf16 keeps the fp32 exponent range, so no loss scaling is needed.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def augment_batch(batch: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and optional horizontal flip, for a whole uint8 NHWC batch."""
+    n, h, w, _ = batch.shape
+    device = batch.device
+    if padding:
+        padded = F.pad(batch, (0, 0, padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
+        rows = dy + torch.arange(h, device=device).view(1, h, 1)
+        cols = dx + torch.arange(w, device=device).view(1, 1, w)
+        batch = padded[torch.arange(n, device=device).view(n, 1, 1), rows, cols]
+    if hflip:
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
+        batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(2), batch)
+    return batch
+
+
+BatchHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def train(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    normalisation: Normalisation,
+    seed: int,
+    description: str = "train",
+    batch_hook: BatchHook | None = None,
+    progress: bool | None = None,
+) -> list[dict]:
+    """Train ``model`` in place on uint8 NHWC ``images`` (already on the model's device).
+
+    ``batch_hook(images, labels)`` may rewrite each uint8 batch before augmentation (the place
+    where training-time attacks poison). Returns the per-epoch curve."""
+    from tqdm.auto import tqdm
+
+    device = images.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, recipe.epochs)
+                 if recipe.schedule == "cosine" else None)
+    n = len(labels)
+    batches = max(1, math.ceil(n / recipe.batch_size))
+    curve = []
+    model.train()
+    bar = tqdm(range(recipe.epochs), desc=description, disable=(not progress) if progress is not None else None)
+    for epoch in bar:
+        order = torch.randperm(n, device=device, generator=generator)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for b in range(batches):
+            index = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
+            x, y = images[index], labels[index]
+            if batch_hook is not None:
+                x, y = batch_hook(x, y)
+            if recipe.augment:
+                x = augment_batch(x, recipe.crop_padding, normalisation.hflip, generator)
+            with autocast(device):
+                logits = model(normalisation.apply(x))
+                loss = F.cross_entropy(logits, y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        lr = optimiser.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        # One host sync per epoch, not per batch.
+        row = {"epoch": epoch + 1, "loss": loss_sum.item() / n, "accuracy": correct.item() / n, "lr": lr}
+        curve.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.3f}")
+    model.eval()
+    return curve
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray | torch.Tensor, normalisation: Normalisation,
+            device: torch.device, batch_size: int = 1024) -> np.ndarray:
+    """Predicted labels for uint8 NHWC ``images`` (host or device), in large inference batches."""
+    model.eval()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        chunk = chunk.to(device) if isinstance(chunk, torch.Tensor) else as_tensor(chunk, device)
+        with autocast(device):
+            predictions.append(model(normalisation.apply(chunk)).argmax(1))
+    if not predictions:
+        return np.zeros(0, dtype=np.int64)
+    return torch.cat(predictions).cpu().numpy().astype(np.int64)

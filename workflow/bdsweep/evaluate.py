@@ -1,0 +1,31 @@
+"""Pre- and post-defense evaluation: clean test accuracy and the backdoor test set's ASR and RA."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from .atomic import load_arrays
+from .data.store import PreparedDataset
+from .engine import Normalisation, predict
+from .metrics import attack_metrics
+
+
+def normalisation_of(data: PreparedDataset) -> Normalisation:
+    return Normalisation(data.info.mean, data.info.std, data.info.hflip)
+
+
+def load_poison(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    return load_arrays(path, "poison")
+
+
+def evaluate_model(model: nn.Module, data: PreparedDataset, poison: dict[str, np.ndarray], target: int,
+                   device: torch.device) -> dict:
+    normalisation = normalisation_of(data)
+    y_test = np.asarray(data.y_test)
+    clean = predict(model, data.x_test, normalisation, device)
+    backdoor = predict(model, poison["test_images"], normalisation, device)
+    return attack_metrics(clean, y_test, backdoor, y_test[poison["test_indices"]], target)

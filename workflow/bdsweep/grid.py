@@ -1,0 +1,49 @@
+"""The grid a validated configuration spans: backdoored models and defense runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+
+from .config import method_params
+from .layout import NO_DATA, mitigation_token, ratio_token
+from .registry import DEFENSES
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    dataset: str
+    architecture: str
+    attack: str
+    ratio: str  # as in paths, e.g. "0.1"
+
+    def wildcards(self) -> dict:
+        return {"dataset": self.dataset, "architecture": self.architecture, "attack": self.attack,
+                "ratio": self.ratio}
+
+
+def models(config: dict) -> list[ModelKey]:
+    return [ModelKey(d, a, k, ratio_token(r)) for d, a, k, r in itertools.product(
+        config["datasets"], config["architectures"], config["attacks"], config["ratios"])]
+
+
+def mitigations(config: dict, defense: str) -> list[str]:
+    """The mitigation tokens a defense runs with: every (SPC, seed), or none if it uses no data."""
+    if not DEFENSES.get(defense).needs_data:
+        return [NO_DATA]
+    mitigation = config["mitigation"]
+    return [mitigation_token(spc, seed) for spc in mitigation["spc"] for seed in range(mitigation["seeds"])]
+
+
+def runs(config: dict) -> list[dict]:
+    """Wildcards of every run: (model, defense, mitigation)."""
+    return [{**model.wildcards(), "defense": defense, "mitigation": token}
+            for model in models(config) for defense in config["defenses"]
+            for token in mitigations(config, defense)]
+
+
+def params_json(config: dict, section: str, name: str | None, dataset: str) -> str:
+    """The overrides of a method (or of ``training``) for one dataset, as canonical JSON."""
+    entry = config[section] if name is None else config[section][name]
+    return json.dumps(method_params(entry, dataset), sort_keys=True)

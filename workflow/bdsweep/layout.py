@@ -1,0 +1,41 @@
+"""Where every stage's files live, as Snakemake path patterns under the results directory."""
+
+from __future__ import annotations
+
+import re
+
+DATA_DIR = "{results}/data/{dataset}"
+POOL = "{results}/partitions/{dataset}/pool.npy"
+PARTITION = "{results}/partitions/{dataset}/spc{spc}/seed{seed}.npy"
+POISON = "{results}/poison/{dataset}/{attack}/{ratio}.npz"
+MODEL_DIR = "{results}/models/{dataset}/{architecture}/{attack}/{ratio}"
+MODEL, MODEL_METRICS, MODEL_CURVE = (f"{MODEL_DIR}/{name}" for name in ("model.pt", "metrics.json", "curve.csv"))
+RESOURCE = "{results}/resources/{dataset}/{attack}.npz"
+RUN = "{results}/runs/{dataset}/{architecture}/{attack}/{ratio}/{defense}/{mitigation}.json"
+TABLE = "{results}/table/runs.parquet"
+FIGURE = "{results}/figures/{figure}.{ext}"
+
+NO_DATA = "nodata"  # the mitigation wildcard of defenses that use no data
+MITIGATION = re.compile(r"spc(?P<spc>\d+)-seed(?P<seed>\d+)")
+
+
+def under(results: str, pattern: str) -> str:
+    """``pattern`` with the results directory filled in and the other wildcards left open."""
+    return pattern.replace("{results}", results.rstrip("/"))
+
+
+def ratio_token(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def mitigation_token(spc: int, seed: int) -> str:
+    return f"spc{spc}-seed{seed}"
+
+
+def parse_mitigation(token: str) -> tuple[int | None, int | None]:
+    if token == NO_DATA:
+        return None, None
+    match = MITIGATION.fullmatch(token)
+    if not match:
+        raise ValueError(f"bad mitigation token {token!r}")
+    return int(match["spc"]), int(match["seed"])

@@ -1,0 +1,84 @@
+"""Name -> implementation registries.
+
+Every attack, architecture, defense and dataset source is one module that registers itself
+under the name the configuration uses. Importing a kind's package (e.g. ``bdsweep.defenses``)
+imports all of its modules, so the registry is complete before anything is looked up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class UnknownNameError(KeyError):
+    """A configured name that no module registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    obj: Any
+    description: str
+    implemented: bool
+
+
+class Registry:
+    def __init__(self, kind: str, package: str):
+        self.kind = kind
+        self._package = package
+        self._entries: dict[str, Entry] = {}
+        self._loaded = False
+
+    def register(self, name: str, description: str, implemented: bool = True) -> Callable:
+        def decorate(obj):
+            if name in self._entries and self._entries[name].implemented:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name, obj, description, implemented)
+            return obj
+
+        return decorate
+
+    def declare_planned(self, names: dict[str, str]) -> None:
+        """List methods of the specification that have no implementation yet."""
+        for name, description in names.items():
+            self._entries.setdefault(name, Entry(name, None, description, False))
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            package = importlib.import_module(self._package)
+            for module in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self._package}.{module.name}")
+
+    def entries(self) -> list[Entry]:
+        self._load()
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def names(self, implemented_only: bool = False) -> list[str]:
+        return [e.name for e in self.entries() if e.implemented or not implemented_only]
+
+    def entry(self, name: str) -> Entry:
+        self._load()
+        if name not in self._entries:
+            known = ", ".join(self.names())
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}")
+        return self._entries[name]
+
+    def get(self, name: str) -> Any:
+        entry = self.entry(name)
+        if not entry.implemented:
+            raise UnknownNameError(f"{self.kind} {name!r} is not implemented yet")
+        return entry.obj
+
+
+ATTACKS = Registry("attack", "bdsweep.attacks")
+ARCHITECTURES = Registry("architecture", "bdsweep.models")
+DEFENSES = Registry("defense", "bdsweep.defenses")
+SOURCES = Registry("dataset source", "bdsweep.data.sources")

@@ -1,0 +1,125 @@
+"""Run one defense on one backdoored model with one mitigation partition; write its result file.
+
+The order of work is what keeps the defense honest: the defense's arguments (a model rebuilt
+from bare weights, the mitigation images, its hyperparameters, a device) are built first, the
+defense runs, and only then are the test set and the backdoor test set loaded for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from ..atomic import read_json, write_json
+from ..checkpoint import load_model
+from ..data.store import PreparedDataset
+from ..defenses import Defended, MitigationData
+from ..engine import as_tensor, select_device
+from ..evaluate import evaluate_model, load_poison, normalisation_of
+from ..metrics import removal_metrics
+from ..params import as_dict, resolve, stable_hash, stable_seed
+from ..provenance import device_name, peak_memory, reset_peak_memory, versions
+from ..registry import DEFENSES
+from ..results import SCHEMA_VERSION
+
+NON_FINITE = "non-finite weights after defense"
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="backdoored model file")
+    parser.add_argument("--model-metrics", required=True, help="the model's pre-defense metrics file")
+    parser.add_argument("--data", required=True, help="prepared dataset directory")
+    parser.add_argument("--partition", help="mitigation partition (indices); omit for defenses that use no data")
+    parser.add_argument("--poison", required=True, help="poison file holding the backdoor test set")
+    parser.add_argument("--defense", required=True)
+    parser.add_argument("--params", default="{}", type=json.loads, help="defense hyperparameters, JSON")
+    parser.add_argument("--coordinates", default="{}", type=json.loads, help="grid coordinates to record")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True)
+
+
+def mitigation_data(data: PreparedDataset, indices: np.ndarray | None, device: torch.device) -> MitigationData:
+    """The SPC images per class (copied out of the memory map) and their labels."""
+    indices = np.zeros(0, dtype=np.int64) if indices is None else np.sort(indices)
+    images = np.asarray(data.x_train[indices]) if len(indices) else np.zeros((0, *data.x_train.shape[1:]), np.uint8)
+    return MitigationData(
+        images=as_tensor(images, device),
+        labels=as_tensor(np.asarray(data.y_train[indices], dtype=np.int64), device),
+        normalisation=normalisation_of(data),
+        image_size=data.info.image_size,
+        num_classes=data.info.num_classes,
+    )
+
+
+def run_defense(defense, model, data: MitigationData, params, device) -> dict:
+    """Call the defense; turn exceptions and non-finite weights into a failed status."""
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    outcome = {"status": "ok", "reason": None, "details": {}, "model": None}
+    try:
+        result = defense.run(model, data, params, device)
+        if isinstance(result, Defended):
+            result, outcome["details"] = result.model, result.details
+        if not all(torch.isfinite(t).all() for t in result.state_dict().values() if t.is_floating_point()):
+            outcome.update(status="failed", reason=NON_FINITE)
+        else:
+            outcome["model"] = result
+    except Exception as error:  # a defense's failure is a result, recorded with its reason
+        outcome.update(status="failed", reason=f"{type(error).__name__}: {error}",
+                       details={"traceback": traceback.format_exc(limit=5)})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    outcome["wall_time_s"] = time.perf_counter() - started
+    outcome.update(peak_memory(device))
+    return outcome
+
+
+def main(args):
+    device = select_device(args.device)
+    defense = DEFENSES.get(args.defense)
+    params = resolve(defense.params, args.params, f"defense {args.defense!r}")
+    if defense.needs_data and not args.partition:
+        raise ValueError(f"defense {args.defense!r} needs mitigation data: pass --partition")
+
+    # 1. Only what the defense may see.
+    model, _ = load_model(args.model)
+    data = PreparedDataset(args.data)
+    indices = np.load(args.partition, allow_pickle=False) if defense.needs_data else None
+    torch.manual_seed(stable_seed("defend", args.defense, json.dumps(args.coordinates, sort_keys=True)))
+    outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
+
+    # 2. Evaluation data, after the defense has returned.
+    model_record = read_json(args.model_metrics)
+    pre = model_record["metrics"]
+    post = removal = None
+    if outcome["model"] is not None:
+        post = evaluate_model(outcome["model"], data, load_poison(args.poison), model_record["target"], device)
+        removal = removal_metrics(pre, post)
+
+    hyperparameters = as_dict(params)
+    write_json(args.out, {
+        "schema_version": SCHEMA_VERSION,
+        **args.coordinates,
+        "defense": args.defense,
+        "family": defense.family,
+        "target": model_record["target"],
+        "effective_ratio": model_record["effective_ratio"],
+        "hyperparameters": hyperparameters,
+        "hyperparameter_hash": stable_hash(hyperparameters),
+        "pre": pre,
+        "post": post,
+        "removal": removal,
+        "status": outcome["status"],
+        "reason": outcome["reason"],
+        "details": outcome["details"],
+        "wall_time_s": outcome["wall_time_s"],
+        "peak_memory_bytes": outcome["peak_memory_bytes"],
+        "peak_memory_kind": outcome["peak_memory_kind"],
+        "device": device_name(device),
+        "model_sanity": model_record["sanity"],
+        "versions": versions(),
+    })

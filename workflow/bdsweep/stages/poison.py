@@ -1,0 +1,36 @@
+"""Poison a dataset with a data-poisoning attack at one ratio."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..atomic import load_arrays, write_npz
+from ..data.store import PreparedDataset
+from ..params import resolve
+from ..poison import poison_dataset
+from ..registry import ATTACKS
+
+
+def add_arguments(parser):
+    parser.add_argument("--data", required=True, help="prepared dataset directory")
+    parser.add_argument("--pool", required=True, help="reserved mitigation pool (never poisoned)")
+    parser.add_argument("--resource", required=True, help="the attack's resource file (resources stage)")
+    parser.add_argument("--attack", required=True)
+    parser.add_argument("--params", default="{}", type=json.loads, help="attack hyperparameters, JSON")
+    parser.add_argument("--ratio", required=True, type=float)
+    parser.add_argument("--target", required=True, type=int)
+    parser.add_argument("--seed", required=True, type=int)
+    parser.add_argument("--out", required=True)
+
+
+def main(args):
+    data = PreparedDataset(args.data)
+    attack = ATTACKS.get(args.attack)
+    params = resolve(attack.params, args.params, f"attack {args.attack!r}")
+    key = f"{data.info.name}/{args.attack}/{args.ratio:g}"
+    poisoned = poison_dataset(attack, load_arrays(args.resource, "attack resource"), params,
+                              data.x_train, data.y_train[:], data.x_test, data.y_test[:],
+                              np.load(args.pool, allow_pickle=False), args.ratio, args.target, args.seed, key)
+    write_npz(args.out, **poisoned.arrays(), effective_ratio=np.float64(poisoned.effective_ratio))

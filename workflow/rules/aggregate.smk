@@ -1,0 +1,18 @@
+# Stage 7: one Parquet table, one row per run. In-process: it needs no GPU, and the list of
+# run files would not fit on a command line at the full grid's size.
+from bdsweep.results import aggregate
+
+
+localrules:
+    aggregate_runs,
+
+
+rule aggregate_runs:
+    input:
+        [RUN.format(**run) for run in grid.runs(CONFIG)],
+    output:
+        TABLE,
+    log:
+        os.path.join(LOGS, "aggregate.log"),
+    run:
+        aggregate(input, output[0], log[0])

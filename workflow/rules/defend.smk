@@ -1,0 +1,24 @@
+# Stage 6: one result file per run (model, defense, SPC, seed), the unit of caching and resume.
+
+
+rule defend:
+    input:
+        unpack(defend_inputs),
+    output:
+        RUN,
+    params:
+        defense=params_of("defenses"),
+        coordinates=run_coordinates,
+        partition=lambda wildcards, input: f"--partition {input.partition}" if "partition" in input.keys() else "",
+        device=CONFIG["device"],
+        directory=lambda wildcards, input: os.path.dirname(input.data),
+    log:
+        os.path.join(LOGS, "runs/{dataset}/{architecture}/{attack}/{ratio}/{defense}/{mitigation}.log"),
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m bdsweep defend --model {input.model} --model-metrics {input.metrics} --data {params.directory}"
+        " {params.partition} --poison {input.poison} --defense {wildcards.defense}"
+        " --params {params.defense:q} --coordinates {params.coordinates:q} --device {params.device}"
+        " --out {output} > {log} 2>&1"

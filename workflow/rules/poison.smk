@@ -1,0 +1,24 @@
+# Stage 3: poisoned training images and the backdoor test set per (dataset, attack, ratio).
+
+
+rule poison_dataset:
+    input:
+        data=lambda wildcards: data_files(wildcards.dataset),
+        pool=POOL,
+        resource=RESOURCE,
+    output:
+        POISON,
+    params:
+        attack=params_of("attacks"),
+        target=CONFIG["target"],
+        seed=CONFIG["seed"],
+        directory=lambda wildcards, input: os.path.dirname(input.data),
+    log:
+        os.path.join(LOGS, "poison/{dataset}/{attack}/{ratio}.log"),
+    threads: 1
+    conda:
+        CONDA_ENV
+    shell:
+        "python -m bdsweep poison --data {params.directory} --pool {input.pool} --resource {input.resource}"
+        " --attack {wildcards.attack} --params {params.attack:q} --ratio {wildcards.ratio}"
+        " --target {params.target} --seed {params.seed} --out {output} > {log} 2>&1"
