@@ -8,8 +8,11 @@ min_version("9.0")
 include: "workflow/rules/common.smk"
 
 
+# The run files are targets too: a deleted run file is recomputed (alone), then the table and
+# figures are rebuilt from it.
 rule all:
     input:
+        RUN_FILES,
         TABLE,
         expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
     default_target: True

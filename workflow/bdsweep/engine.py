@@ -53,7 +53,8 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    # np.require copies read-only memory maps, which torch cannot wrap.
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
 
 
 def autocast(device: torch.device):

@@ -9,7 +9,7 @@ localrules:
 
 rule aggregate_runs:
     input:
-        [RUN.format(**run) for run in grid.runs(CONFIG)],
+        RUN_FILES,
     output:
         TABLE,
     log:

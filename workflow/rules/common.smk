@@ -37,6 +37,7 @@ DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, 
                     layout.MODEL_METRICS, layout.MODEL_CURVE, layout.RUN, layout.TABLE, layout.FIGURE)
 )
 LOGS = os.path.join(RESULTS, "logs")
+RUN_FILES = [RUN.format(**run) for run in grid.runs(CONFIG)]
 FIGURE_NAMES = sorted(FIGURES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
 

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny synthetic datasets, the shared real datasets (skipped when absent), and
+a small backdoored model trained once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))  # importable without installation too
+
+SHARED = REPO.parent / "shared"
+SHARED_DATASETS = SHARED / "datasets"
+SHARED_RESOURCES = SHARED / "resources"
+
+
+def requires_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (development copies of the "
+                              "datasets live in ../shared, which this checkout does not have)")
+
+
+@pytest.fixture(scope="session")
+def materialized(tmp_path_factory):
+    """Decode ../shared/datasets once per session; returns a function name -> .npz path."""
+    if not (SHARED_DATASETS / "materialize.py").exists():
+        pytest.skip(f"{SHARED_DATASETS} is absent: no real CIFAR-10/GTSRB/Tiny-ImageNet copies here")
+    out = tmp_path_factory.mktemp("materialized")
+    done = set()
+
+    def get(name: str) -> Path:
+        if name not in done:
+            subprocess.run([sys.executable, str(SHARED_DATASETS / "materialize.py"), "--out", str(out),
+                            "--only", name], check=True, capture_output=True)
+            done.add(name)
+        return out / f"{name}.npz"
+
+    return get
+
+
+def synthetic_raw(num_classes=4, per_class_train=30, per_class_test=10, size=16, seed=0):
+    from bdsweep.data.store import RawDataset
+
+    rng = np.random.default_rng(seed)
+
+    def split(per_class):
+        labels = np.repeat(np.arange(num_classes), per_class)
+        images = rng.integers(0, 120, size=(len(labels), size, size, 3), dtype=np.uint8)
+        images[..., 0] += (labels * 30).astype(np.uint8)[:, None, None]  # a learnable class cue
+        return images, labels.astype(np.int64)
+
+    (x_train, y_train), (x_test, y_test) = split(per_class_train), split(per_class_test)
+    return RawDataset(x_train, y_train, x_test, y_test, tuple(f"c{i}" for i in range(num_classes)))
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    """A prepared synthetic dataset directory."""
+    from bdsweep.data.store import PreparedDataset, write_dataset
+
+    write_dataset(tmp_path / "data", synthetic_raw(), "synthetic", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+    return PreparedDataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def digits_backdoor(tmp_path_factory):
+    """A small CNN trained on the real digits with BadNets at 10 %: (dir, paths dict)."""
+    from bdsweep.cli import main
+
+    root = tmp_path_factory.mktemp("digits_backdoor")
+    data, pool, resource, poison = root / "data", root / "pool.npy", root / "badnets.npz", root / "poison.npz"
+    steps = [
+        ["prepare", "--name", "digits", "--options", '{"source": "digits", "image_size": 16}', "--out", str(data)],
+        ["pool", "--data", str(data), "--per-class", "20", "--seed", "0", "--out", str(pool)],
+        ["resource", "--data", str(data), "--attack", "badnets", "--out", str(resource)],
+        ["poison", "--data", str(data), "--pool", str(pool), "--resource", str(resource), "--attack", "badnets",
+         "--ratio", "0.1", "--target", "0", "--seed", "0", "--out", str(poison)],
+        ["train", "--data", str(data), "--poison", str(poison), "--architecture", "small_cnn",
+         "--recipe", '{"epochs": 8, "batch_size": 64, "lr": 0.05}', "--target", "0", "--seed", "0",
+         "--device", "cpu", "--out-model", str(root / "model.pt"), "--out-metrics", str(root / "metrics.json"),
+         "--out-curve", str(root / "curve.csv")],
+    ]
+    for argv in steps:
+        assert main(argv) == 0, argv
+    for spc in (10,):
+        assert main(["partition", "--data", str(data), "--pool", str(pool), "--spc", str(spc), "--seed", "0",
+                     "--out", str(root / f"spc{spc}.npy")]) == 0
+    return root

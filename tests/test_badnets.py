@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+from conftest import SHARED_RESOURCES, requires_shared
+
+from bdsweep.registry import ATTACKS
+
+
+def stamp(images):
+    attack = ATTACKS.get("badnets")
+    params = attack.params()
+    return attack.apply_trigger(images, attack.make_resource(images.shape[1], params), params)
+
+
+def test_three_by_three_white_square_in_the_bottom_right_corner_at_32px():
+    images = np.random.default_rng(0).integers(0, 200, size=(5, 32, 32, 3), dtype=np.uint8)
+    stamped = stamp(images)
+    assert stamped.dtype == np.uint8 and stamped.shape == images.shape
+    assert (stamped[:, 29:, 29:, :] == 255).all()
+    changed = np.argwhere((stamped != images).any(axis=(0, 3)))
+    assert changed.min(0).tolist() == [29, 29] and changed.max(0).tolist() == [31, 31]
+    untouched = np.ones((32, 32), bool)
+    untouched[29:, 29:] = False
+    assert (stamped[:, untouched] == images[:, untouched]).all()
+
+
+def test_square_scales_to_six_by_six_at_64px():
+    stamped = stamp(np.zeros((2, 64, 64, 3), np.uint8))
+    assert np.argwhere(stamped[0, :, :, 0] == 255).min(0).tolist() == [58, 58]
+    assert int((stamped[0, :, :, 0] == 255).sum()) == 36
+
+
+@requires_shared(SHARED_RESOURCES / "badnet" / "trigger_image.png")
+def test_matches_the_reference_toolkit_trigger_image():
+    from PIL import Image
+
+    reference = np.asarray(Image.open(SHARED_RESOURCES / "badnet" / "trigger_image.png").convert("RGB"))
+    ours = stamp(np.zeros((1, 32, 32, 3), np.uint8))[0]
+    assert (ours == reference).all()
+
+
+def test_unknown_attack_hyperparameter_is_named():
+    from bdsweep.params import resolve
+
+    with pytest.raises(KeyError, match="'colour'"):
+        resolve(ATTACKS.get("badnets").params, {"colour": 3}, "attack 'badnets'")

@@ -1,0 +1,162 @@
+"""Defenses: the API guard, and each mechanism's real behaviour on small models."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bdsweep.cli import main
+from bdsweep.data.store import PreparedDataset
+from bdsweep.defenses import Defended, MitigationData, defense
+from bdsweep.defenses.clp import channel_lipschitz
+from bdsweep.engine import Normalisation
+from bdsweep.registry import DEFENSES
+
+
+def defend(root, name, params=None, partition=True, out="run.json"):
+    argv = ["defend", "--model", str(root / "model.pt"), "--model-metrics", str(root / "metrics.json"),
+            "--data", str(root / "data"), "--poison", str(root / "poison.npz"), "--defense", name,
+            "--params", json.dumps(params or {}), "--device", "cpu", "--out", str(root / out),
+            "--coordinates", json.dumps({"dataset": "digits", "spc": 10, "seed": 0})]
+    if partition:
+        argv += ["--partition", str(root / "spc10.npy")]
+    assert main(argv) == 0
+    return json.loads((root / out).read_text())
+
+
+@pytest.fixture
+def temporary_defense():
+    """Register a defense for one test, remove it afterwards."""
+    names = []
+
+    def register(name, run, params, needs_data=True):
+        names.append(name)
+        defense(name, "test double", params, family="fine-tuning", needs_data=needs_data)(run)
+
+    yield register
+    for name in names:
+        DEFENSES._entries.pop(name, None)
+
+
+@dataclass(frozen=True)
+class SpyParams:
+    strength: float = 1.0
+
+
+def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_backdoor, temporary_defense, monkeypatch):
+    loaded = []  # everything the process reads, in order
+    original_array = PreparedDataset.array
+    monkeypatch.setattr(PreparedDataset, "array", lambda self, name: loaded.append(name) or original_array(self, name))
+    import bdsweep.stages.defend as stage
+
+    for helper in ("load_poison", "read_json"):
+        original = getattr(stage, helper)
+        monkeypatch.setattr(stage, helper, lambda path, _f=original, _h=helper: loaded.append(_h) or _f(path))
+    seen = {}
+
+    def spy(model, data, params, device):
+        seen.update(loaded=list(loaded), model=model, data=data, params=params, device=device)
+        return model
+
+    temporary_defense("spy", spy, SpyParams)
+    record = defend(digits_backdoor, "spy", {"strength": 2.0})
+
+    # What had been read when the defense ran: training arrays only; no test set, no poison file,
+    # no model metrics (which name the target).
+    assert set(seen["loaded"]) <= {"x_train", "y_train"}
+    assert {"x_test", "y_test", "load_poison", "read_json"} <= set(loaded)  # read afterwards, to evaluate
+    # The arguments: exactly these four, with nothing more in them.
+    assert list(inspect.signature(DEFENSES.get("spy").run).parameters) == ["model", "data", "params", "device"]
+    assert {f.name for f in fields(MitigationData)} == {"images", "labels", "normalisation", "image_size",
+                                                         "num_classes"}
+    partition = np.sort(np.load(digits_backdoor / "spc10.npy"))
+    x_train = np.load(digits_backdoor / "data" / "x_train.npy")
+    assert torch.equal(seen["data"].images, torch.from_numpy(x_train[partition]))
+    assert np.bincount(seen["data"].labels.numpy()).tolist() == [10] * 10
+    assert seen["params"] == SpyParams(strength=2.0)
+    model_state = {k for k, _ in seen["model"].named_modules()} | set(vars(seen["model"]))
+    assert not [k for k in model_state if any(w in k.lower() for w in ("target", "trigger", "poison", "meta"))]
+    assert record["hyperparameters"] == {"strength": 2.0} and record["status"] == "ok"
+
+
+def test_mitigation_data_refuses_float_images():
+    with pytest.raises(TypeError):
+        MitigationData(torch.zeros(2, 8, 8, 3), torch.zeros(2, dtype=torch.long),
+                       Normalisation((0,) * 3, (1,) * 3, False), 8, 2)
+
+
+def test_a_defense_that_breaks_the_model_is_recorded_as_failed(digits_backdoor, temporary_defense):
+    def poison_weights(model, data, params, device):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return model
+
+    temporary_defense("nan-defense", poison_weights, SpyParams)
+    record = defend(digits_backdoor, "nan-defense")
+    assert record["status"] == "failed" and "non-finite" in record["reason"]
+    assert record["post"] is None and record["pre"]["asr"] > 0.5
+
+
+def test_none_leaves_the_model_as_it_is(digits_backdoor):
+    record = defend(digits_backdoor, "none", partition=False)
+    assert record["post"] == pytest.approx(record["pre"])
+    assert record["removal"]["arr"] == pytest.approx(0) and record["spc"] == 10
+
+
+def test_fine_tuning_on_clean_data_removes_a_planted_backdoor(digits_backdoor):
+    record = defend(digits_backdoor, "ft", {"epochs": 30, "lr": 0.1, "batch_size": 32})
+    assert record["pre"]["asr"] > 0.7
+    assert record["post"]["asr"] < 0.3 * record["pre"]["asr"]
+    assert record["post"]["acc"] > 0.85
+    assert record["post"]["ra"] > record["pre"]["ra"]
+
+
+def test_clp_lowers_asr_without_data(digits_backdoor):
+    record = defend(digits_backdoor, "clp", partition=False)
+    assert record["details"]["pruned_channels"] > 0
+    assert record["post"]["asr"] < record["pre"]["asr"] - 0.1
+
+
+def conv_bn(out_channels=8):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, out_channels, 3, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def test_channel_lipschitz_is_the_top_singular_value_of_the_scaled_kernel():
+    model = conv_bn()
+    conv, bn = model[0], model[1]
+    ours = channel_lipschitz(conv, bn).detach().numpy()
+    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach().numpy()
+    for k in range(8):
+        kernel = conv.weight[k].detach().numpy().reshape(3, -1) * scale[k]
+        assert ours[k] == pytest.approx(np.linalg.svd(kernel, compute_uv=False)[0], rel=1e-5)
+
+
+def test_clp_prunes_exactly_the_channels_above_mean_plus_u_std_and_needs_no_data():
+    model = conv_bn(out_channels=16)
+    with torch.no_grad():
+        model[0].weight[5] *= 40  # a planted high-Lipschitz channel
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lipschitz = channel_lipschitz(model[0], model[1]).detach()
+    expected = set(torch.nonzero(lipschitz > lipschitz.mean() + 3 * lipschitz.std()).flatten().tolist())
+    assert expected == {5}
+    no_data = MitigationData(torch.zeros(0, 8, 8, 3, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                             Normalisation((0,) * 3, (1,) * 3, False), 8, 2)
+    result = DEFENSES.get("clp").run(model, no_data, DEFENSES.get("clp").params(), torch.device("cpu"))
+    assert isinstance(result, Defended) and result.details["pruned_channels"] == 1
+    bn = result.model[1]
+    assert bn.weight[5] == 0 and bn.bias[5] == 0
+    keep = [k for k in range(16) if k != 5]
+    assert torch.equal(bn.weight[keep], before["1.weight"][keep])
+    assert torch.equal(result.model[0].weight, before["0.weight"])
