@@ -62,7 +62,10 @@ def load_arrays(path: str | os.PathLike, kind: str = "array") -> dict[str, np.nd
     import zipfile
 
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with archive:
             return {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"missing {kind} file: {path}") from None

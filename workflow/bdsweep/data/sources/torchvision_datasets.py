@@ -46,6 +46,9 @@ def _gtsrb_split(dataset) -> tuple[np.ndarray, np.ndarray]:
 
     images, labels = [], []
     for path, label in dataset._samples:
+        # Training folders are named by class id; torchvision numbers the folders it finds.
+        folder = Path(path).parent.name
+        label = int(folder) if folder.isdigit() else label
         with Image.open(path) as image:
             resized = image.convert("RGB").resize((GTSRB_SIZE, GTSRB_SIZE), Image.BILINEAR)
             images.append(np.asarray(resized, dtype=np.uint8))
