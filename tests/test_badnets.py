@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-from conftest import SHARED_RESOURCES, requires_shared
 
 from bdsweep.registry import ATTACKS
+from conftest import SHARED_RESOURCES, requires_shared
 
 
 def stamp(images):

@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_raw
 
 from bdsweep.cli import main
 from bdsweep.data.store import PreparedDataset
 from bdsweep.registry import SOURCES
+from conftest import synthetic_raw
 
 
 def prepare(tmp_path, options, name="d"):
@@ -76,7 +76,7 @@ def test_truncated_array_is_an_error_naming_the_path(prepared):
     path = prepared.directory / "x_test.npy"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match=str(path)):
-        PreparedDataset(prepared.directory).x_test
+        PreparedDataset(prepared.directory).array("x_test")
 
 
 def write_images(paths_and_arrays, fmt):

@@ -7,14 +7,15 @@ import argparse
 import importlib
 import sys
 
-from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
 from .stages import STAGES
-
-KINDS = (("attacks", ATTACKS), ("architectures", ARCHITECTURES), ("defenses", DEFENSES), ("dataset sources", SOURCES))
 
 
 def list_methods(args) -> None:
-    for title, registry in KINDS:
+    from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
+
+    kinds = (("attacks", ATTACKS), ("architectures", ARCHITECTURES), ("defenses", DEFENSES),
+             ("dataset sources", SOURCES))
+    for title, registry in kinds:
         print(f"{title}:")
         for entry in registry.entries():
             state = "implemented" if entry.implemented else "planned"
@@ -35,7 +36,8 @@ def validate(args) -> None:
         print(f"not implemented yet ({'skipped' if config['skip_unimplemented'] else 'refused'}): {', '.join(skipped)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``stage``'s module is imported, to describe its arguments."""
     parser = argparse.ArgumentParser(prog="bdsweep", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="registered attacks, architectures, defenses and dataset sources"
@@ -43,16 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="validate a configuration file and count its grid")
     check.add_argument("config")
     check.set_defaults(handler=validate)
-    for stage in STAGES:
-        module = importlib.import_module(f".stages.{stage}", __package__)
-        sub = commands.add_parser(stage, help=module.__doc__.splitlines()[0])
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.main)
+    for name, summary in STAGES.items():
+        sub = commands.add_parser(name, help=summary)
+        if name == stage:
+            module = importlib.import_module(f".stages.{name}", __package__)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.main)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in STAGES else None).parse_args(argv)
     try:
         args.handler(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as error:

@@ -3,6 +3,7 @@
 One JSON file per run (written by the defend stage); the aggregate stage turns them into one
 Parquet table with one row per run. Table columns:
 
+- schema_version: of the run file (``SCHEMA_VERSION``); files of another version are refused
 - grid coordinates: dataset, architecture, attack, ratio, effective_ratio, target, defense,
   family, spc, seed (spc/seed are null for defenses that use no data)
 - pre_acc, pre_asr, pre_ra: the backdoored model before defense; post_acc, post_asr, post_ra:

@@ -1,0 +1,85 @@
+"""The training engine: on-device augmentation, determinism, model files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bdsweep.checkpoint import load_model, save_model
+from bdsweep.engine import Normalisation, Recipe, augment_batch, predict, train
+from bdsweep.models import create_model
+
+NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)
+
+
+def test_random_crop_shifts_the_image_inside_zero_padding():
+    image = torch.arange(1, 8 * 8 + 1, dtype=torch.uint8).view(1, 8, 8, 1).expand(64, 8, 8, 3).contiguous()
+    generator = torch.Generator().manual_seed(0)
+    cropped = augment_batch(image, padding=2, hflip=False, generator=generator)
+    assert cropped.shape == image.shape and cropped.dtype == torch.uint8
+    padded = torch.nn.functional.pad(image[0, :, :, 0], (2, 2, 2, 2))
+    windows = {(dy, dx) for dy in range(5) for dx in range(5)}
+    found = set()
+    for crop in cropped[..., 0]:
+        match = [(dy, dx) for dy, dx in windows if torch.equal(padded[dy:dy + 8, dx:dx + 8], crop)]
+        assert len(match) == 1
+        found.add(match[0])
+    assert len(found) > 10  # offsets vary across the batch
+
+
+def test_horizontal_flip_flips_about_half_and_only_when_allowed():
+    batch = torch.randint(0, 255, (200, 6, 6, 3), dtype=torch.uint8)
+    flipped = augment_batch(batch, padding=0, hflip=True, generator=torch.Generator().manual_seed(1))
+    is_flipped = (flipped == batch.flip(2)).flatten(1).all(1)
+    is_same = (flipped == batch).flatten(1).all(1)
+    assert (is_flipped | is_same).all() and 60 < int(is_flipped.sum()) < 140
+    assert torch.equal(augment_batch(batch, 0, False, torch.Generator().manual_seed(1)), batch)
+
+
+def run_training(seed):
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", 3, 16)
+    images = torch.randint(0, 255, (48, 16, 16, 3), dtype=torch.uint8)
+    labels = torch.arange(48) % 3
+    curve = train(model, images, labels, Recipe(epochs=2, batch_size=16, lr=0.05), NORMALISATION, seed=seed)
+    return model, curve, images
+
+
+def test_same_seed_same_weights_and_curve_on_cpu():
+    (a, curve_a, _), (b, curve_b, _) = run_training(3), run_training(3)
+    assert curve_a == curve_b and len(curve_a) == 2
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c, _, _ = run_training(4)
+    assert not torch.equal(a.classifier.weight, c.classifier.weight)
+
+
+def test_model_files_carry_metadata_and_load_weights_only(tmp_path):
+    model, _, images = run_training(0)
+    meta = {"architecture": "small_cnn", "num_classes": 3, "image_size": 16, "attack": "badnets", "ratio": 0.1}
+    save_model(tmp_path / "m.pt", model, meta)
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert blob["meta"] == meta
+    loaded, loaded_meta = load_model(tmp_path / "m.pt")
+    assert loaded_meta == meta
+    device = torch.device("cpu")
+    assert (predict(loaded, images, NORMALISATION, device) == predict(model, images, NORMALISATION, device)).all()
+
+
+def test_truncated_model_file_is_an_error_naming_the_path(tmp_path):
+    model, _, _ = run_training(0)
+    save_model(tmp_path / "m.pt", model, {"architecture": "small_cnn", "num_classes": 3, "image_size": 16})
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"corrupt model file {tmp_path / 'm.pt'}"):
+        load_model(tmp_path / "m.pt")
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_architectures_run_at_32_and_64_px_and_describe_their_parts(name, size):
+    model = create_model(name, 7, size)
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 7)
+    modules = dict(model.named_modules())
+    assert isinstance(modules[model.parts.classifier], torch.nn.Linear)
+    assert isinstance(modules[model.parts.last_conv], torch.nn.Conv2d)
+    assert model.parts.features in modules

@@ -1,0 +1,79 @@
+"""The results table and the figures, from hand-made run files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bdsweep.figures import FIGURES, draw
+from bdsweep.results import SCHEMA_VERSION, UnreadableRunFiles, aggregate
+
+COLUMNS = {"schema_version", "dataset", "architecture", "attack", "ratio", "effective_ratio", "target", "defense",
+           "family", "spc", "seed", "pre_acc", "pre_asr", "pre_ra", "post_acc", "post_asr", "post_ra", "arr", "rdr",
+           "status", "reason", "wall_time_s", "peak_memory_bytes", "peak_memory_kind", "device", "acc_below_gate",
+           "asr_below_gate", "hyperparameter_hash", "hyperparameters", "details", "versions", "path"}
+
+
+def record(defense="ft", family="fine-tuning", spc=10, seed=0, post_asr=0.1, status="ok", ratio=0.1):
+    post = None if status != "ok" else {"acc": 0.85, "asr": post_asr, "ra": 0.8}
+    return {
+        "schema_version": SCHEMA_VERSION, "dataset": "digits", "architecture": "small_cnn", "attack": "badnets",
+        "ratio": ratio, "spc": spc, "seed": seed, "defense": defense, "family": family, "target": 0,
+        "effective_ratio": ratio, "hyperparameters": {"epochs": 3}, "hyperparameter_hash": "abc",
+        "pre": {"acc": 0.9, "asr": 0.95, "ra": 0.05}, "post": post,
+        "removal": {"arr": (0.9 - 0.85) / 0.9, "rdr": (0.9 - 0.8) / 0.9} if post else None,
+        "status": status, "reason": None if status == "ok" else "boom", "details": {}, "wall_time_s": 1.0,
+        "peak_memory_bytes": 10, "peak_memory_kind": "process_rss", "device": "cpu",
+        "model_sanity": {"acc_below_gate": False, "asr_below_gate": False}, "versions": {"torch": "x"},
+    }
+
+
+def write_runs(tmp_path, records):
+    paths = []
+    for i, rec in enumerate(records):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps(rec))
+        paths.append(path)
+    return paths
+
+
+def test_table_has_one_row_per_run_and_the_documented_columns(tmp_path):
+    records = [record(), record(seed=1, post_asr=0.3), record("clp", "pruning", None, None), record(status="failed")]
+    table = aggregate(write_runs(tmp_path, records), tmp_path / "t.parquet", tmp_path / "log")
+    assert len(table) == 4 and set(table.columns) == COLUMNS
+    read = pd.read_parquet(tmp_path / "t.parquet")
+    assert read["post_asr"].tolist()[:2] == [0.1, 0.3] and pd.isna(read["post_asr"].iloc[3])
+    assert read["spc"].isna().tolist() == [False, False, True, False]
+    assert json.loads(read["hyperparameters"].iloc[0]) == {"epochs": 3}
+    assert "failed per defense: {'ft': 1}" in (tmp_path / "log").read_text()
+
+
+def test_unreadable_or_foreign_run_files_are_reported_by_path(tmp_path):
+    paths = write_runs(tmp_path, [record(), {**record(), "schema_version": 0}])
+    (tmp_path / "broken.json").write_text('{"dataset": "dig')
+    paths.append(tmp_path / "broken.json")
+    with pytest.raises(UnreadableRunFiles) as error:
+        aggregate(paths, tmp_path / "t.parquet")
+    assert str(paths[1]) in str(error.value) and str(paths[2]) in str(error.value)
+    assert str(paths[0]) not in str(error.value)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_every_figure_draws_png_and_pdf_from_the_table(tmp_path, name):
+    rng = np.random.default_rng(0)
+    records = [record(d, f, seed=s, post_asr=float(rng.uniform()))
+               for d, f in (("ft", "fine-tuning"), ("clp", "pruning"), ("none", "none")) for s in range(3)]
+    table = aggregate(write_runs(tmp_path, records), tmp_path / "t.parquet")
+    draw(name, table, tmp_path / "f.png", tmp_path / "f.pdf")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_a_table_without_successful_runs_is_an_error(tmp_path):
+    table = aggregate(write_runs(tmp_path, [record(status="failed")]), tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="no successful runs"):
+        draw("fig6_boxplots", table, tmp_path / "f.png", tmp_path / "f.pdf")
