@@ -19,8 +19,8 @@ SHARED_RESOURCES = SHARED / "resources"
 
 
 def requires_shared(path: Path):
-    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (development copies of the "
-                              "datasets live in ../shared, which this checkout does not have)")
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (the development datasets and "
+                              "reference resources live in ../shared, which this checkout does not have)")
 
 
 @pytest.fixture(scope="session")

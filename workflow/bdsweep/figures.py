@@ -37,7 +37,8 @@ def successful_runs(table: pd.DataFrame) -> pd.DataFrame:
     ok = table[table["status"] == "ok"].copy()
     if ok.empty:
         raise ValueError("the results table has no successful runs to plot")
-    ok["label"] = [f"{d.upper()}{FAMILY_MARK.get(f, '')}" for d, f in zip(ok["defense"], ok["family"])]
+    ok["label"] = [("no defense" if d == "none" else d.upper()) + FAMILY_MARK.get(f, "")
+                   for d, f in zip(ok["defense"], ok["family"])]
     return ok
 
 
@@ -86,9 +87,10 @@ def medians(table: pd.DataFrame) -> plt.Figure:
                                        edgecolor=colour, linestyle=style, label=name))
         ax.set_xlabel("median ASR")
         ax.set_ylabel(f"median {title}")
-        ax.set_xlim(left=min(0, ax.get_xlim()[0]))
-        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
-        ax.legend(fontsize="small")
+        ax.set_xlim(-0.02, 1.1)  # ASR is a fraction; the margin keeps labels of points at 1 visible
+        top = max(summary[column].max(), 0) * 1.15 or 0.1
+        ax.set_ylim(min(0, summary[column].min() * 1.15) - 0.02 * top, top)
+        ax.legend(fontsize="small", loc="upper left")
     fig.suptitle("Median RDR and ARR vs median ASR per defense (bottom-left is ideal)")
     fig.tight_layout()
     return fig
