@@ -84,6 +84,8 @@ BAD = {
     "hyperparameter of the wrong type": (changed(defenses__ft__epochs="ten"),
                                          "defenses.ft: hyperparameter 'epochs' must be int"),
     "boolean for an integer": (changed(defenses__ft__epochs=True), "hyperparameter 'epochs' must be int"),
+    "unknown schedule": (changed(training__schedule="step"), "training: schedule must be one of"),
+    "zero epochs": (changed(defenses__ft__epochs=0), "defenses.ft: epochs and batch_size must be at least 1"),
     "unknown recipe key": (changed(training__epoch=3), "training has no hyperparameter 'epoch'"),
     "unknown attack hyperparameter": (changed(attacks={"badnets": {"sise": 4}}), "attacks.badnets has no"),
     "missing dataset root": (changed(datasets={"c": {"source": "cifar10", "root": "/nonexistent/cifar"}}),

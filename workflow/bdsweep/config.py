@@ -75,6 +75,8 @@ def _check_params(params_class, entry, datasets, key: str) -> None:
             resolve(params_class, method_params(entry, dataset), key)
         except (KeyError, TypeError) as error:
             raise ConfigError(str(error).strip('"')) from None
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
 
 
 def check_semantics(config: dict) -> None:

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """An SGD training recipe; the defaults are the survey's backdoored-model recipe."""
@@ -30,6 +33,12 @@ class Recipe:
     schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be at least 1 and lr positive")
 
 
 @dataclass(frozen=True)
