@@ -86,6 +86,8 @@ BAD = {
     "boolean for an integer": (changed(defenses__ft__epochs=True), "hyperparameter 'epochs' must be int"),
     "unknown schedule": (changed(training__schedule="step"), "training: schedule must be one of"),
     "zero epochs": (changed(defenses__ft__epochs=0), "defenses.ft: epochs and batch_size must be at least 1"),
+    "empty only_datasets": (changed(defenses__ft__only_datasets=[]), "defenses.ft.only_datasets: [] should be"),
+    "only_datasets in training": (changed(training__only_datasets=["digits"]), "training.only_datasets: only"),
     "unknown recipe key": (changed(training__epoch=3), "training has no hyperparameter 'epoch'"),
     "unknown attack hyperparameter": (changed(attacks={"badnets": {"sise": 4}}), "attacks.badnets has no"),
     "missing dataset root": (changed(datasets={"c": {"source": "cifar10", "root": "/nonexistent/cifar"}}),
@@ -120,6 +122,15 @@ def test_skip_unimplemented_leaves_out_only_planned_methods():
     assert list(config["attacks"]) == ["badnets"]
     with pytest.raises(ConfigError, match="unknown attack 'nope'"):
         validate_config(changed(attacks={"badnets": {}, "nope": {}}, skip_unimplemented=True))
+
+
+def test_only_datasets_restricts_a_method_to_some_datasets():
+    two = {"digits": DEMO["datasets"]["digits"], "more": {"source": "digits", "image_size": 16}}
+    config = validate_config(changed(datasets=two, defenses__ft__only_datasets=["more"]))
+    ft_datasets = {run["dataset"] for run in runs(config) if run["defense"] == "ft"}
+    clp_datasets = {run["dataset"] for run in runs(config) if run["defense"] == "clp"}
+    assert ft_datasets == {"more"} and clp_datasets == {"digits", "more"}
+    assert PAPER["defenses"]["nc"]["only_datasets"] == ["cifar10"]
 
 
 def test_by_dataset_overrides_reach_the_job_params():

@@ -144,3 +144,33 @@ def test_real_datasets_prepare_from_materialized_arrays(tmp_path, materialized, 
     data = PreparedDataset(out)
     assert data.x_train.shape[1:] == shape and data.info.num_classes == classes
     assert data.y_train.min() == 0 and data.y_train.max() == classes - 1
+
+
+def test_cifar10_from_torchvisions_folder_layout(tmp_path, monkeypatch):
+    """torchvision's own reader on the python-pickle layout; its MD5 check is bypassed because
+    the batches here are synthetic."""
+    import pickle
+
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    labels = list(range(10)) + [3, 4]
+
+    def batch(chunk):
+        return {"data": images[chunk].transpose(0, 3, 1, 2).reshape(len(images[chunk]), -1),
+                "labels": [labels[i] for i in range(12)][chunk]}
+
+    for name, chunk in [(f"data_batch_{i}", slice(2 * (i - 1), 2 * i)) for i in range(1, 6)]:
+        (folder / name).write_bytes(pickle.dumps(batch(chunk)))
+    (folder / "test_batch").write_bytes(pickle.dumps(batch(slice(10, 12))))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+
+    raw = SOURCES.get("cifar10").load({"root": str(tmp_path)})
+    assert (raw.x_train == images[:10]).all() and raw.y_train.tolist() == list(range(10))
+    assert (raw.x_test == images[10:]).all() and raw.y_test.tolist() == [3, 4]
+    assert raw.class_names[9] == "class9"
+    assert SOURCES.get("cifar10").hflip and SOURCES.get("cifar10").mean == (0.4914, 0.4822, 0.4465)

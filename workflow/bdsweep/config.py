@@ -58,8 +58,15 @@ def check_schema(config: dict) -> None:
 def method_params(entry: dict | None, dataset: str) -> dict:
     """A method's overrides for one dataset: its general keys, then by_dataset[dataset]."""
     entry = dict(entry or {})
+    entry.pop("only_datasets", None)
     by_dataset = entry.pop("by_dataset", {}) or {}
     return {**entry, **by_dataset.get(dataset, {})}
+
+
+def applies_to(entry: dict | None, dataset: str) -> bool:
+    """Whether a selected method runs on ``dataset`` (``only_datasets`` restricts it)."""
+    only = (entry or {}).get("only_datasets")
+    return only is None or dataset in only
 
 
 def _check_name(registry, name: str, key: str) -> object:
@@ -99,6 +106,8 @@ def check_semantics(config: dict) -> None:
         _check_params(_check_name(ATTACKS, attack, "attacks").params, entry, datasets, f"attacks.{attack}")
     for defense, entry in config["defenses"].items():
         _check_params(_check_name(DEFENSES, defense, "defenses").params, entry, datasets, f"defenses.{defense}")
+    if "only_datasets" in (config["training"] or {}):
+        raise ConfigError("training.only_datasets: only attacks and defenses can be restricted to datasets")
     _check_params(Recipe, config["training"], datasets, "training")
     mitigation = config["mitigation"]
     too_big = [spc for spc in mitigation["spc"] if spc > mitigation["pool_per_class"]]

@@ -6,7 +6,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
-from .config import method_params
+from .config import applies_to, method_params
 from .layout import NO_DATA, mitigation_token, ratio_token
 from .registry import DEFENSES
 
@@ -25,7 +25,8 @@ class ModelKey:
 
 def models(config: dict) -> list[ModelKey]:
     return [ModelKey(d, a, k, ratio_token(r)) for d, a, k, r in itertools.product(
-        config["datasets"], config["architectures"], config["attacks"], config["ratios"])]
+        config["datasets"], config["architectures"], config["attacks"], config["ratios"])
+        if applies_to(config["attacks"][k], d)]
 
 
 def mitigations(config: dict, defense: str) -> list[str]:
@@ -39,8 +40,8 @@ def mitigations(config: dict, defense: str) -> list[str]:
 def runs(config: dict) -> list[dict]:
     """Wildcards of every run: (model, defense, mitigation)."""
     return [{**model.wildcards(), "defense": defense, "mitigation": token}
-            for model in models(config) for defense in config["defenses"]
-            for token in mitigations(config, defense)]
+            for model in models(config) for defense, entry in config["defenses"].items()
+            if applies_to(entry, model.dataset) for token in mitigations(config, defense)]
 
 
 def params_json(config: dict, section: str, name: str | None, dataset: str) -> str:
