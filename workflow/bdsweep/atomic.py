@@ -71,3 +71,13 @@ def load_arrays(path: str | os.PathLike, kind: str = "array") -> dict[str, np.nd
         raise FileNotFoundError(f"missing {kind} file: {path}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise ValueError(f"corrupt {kind} file {path}: {error}") from None
+
+
+def read_npy(path: str | os.PathLike, kind: str = "array") -> np.ndarray:
+    """One .npy array, read eagerly; errors name the path."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"missing {kind} file: {path}") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"corrupt {kind} file {path}: {error}") from None

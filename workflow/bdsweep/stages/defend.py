@@ -14,7 +14,7 @@ import traceback
 import numpy as np
 import torch
 
-from ..atomic import read_json, write_json
+from ..atomic import read_json, read_npy, write_json
 from ..checkpoint import load_model
 from ..data.store import PreparedDataset
 from ..defenses import Defended, MitigationData
@@ -88,7 +88,7 @@ def main(args):
     # 1. Only what the defense may see.
     model, _ = load_model(args.model)
     data = PreparedDataset(args.data)
-    indices = np.load(args.partition, allow_pickle=False) if defense.needs_data else None
+    indices = read_npy(args.partition, "partition") if defense.needs_data else None
     torch.manual_seed(stable_seed("defend", args.defense, json.dumps(args.coordinates, sort_keys=True)))
     outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
 

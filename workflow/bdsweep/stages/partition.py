@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..atomic import write_npy
+from ..atomic import read_npy, write_npy
 from ..data.store import PreparedDataset
 from ..partition import draw_partition
 
@@ -19,6 +17,6 @@ def add_arguments(parser):
 
 def main(args):
     data = PreparedDataset(args.data)
-    pool = np.load(args.pool, allow_pickle=False)
+    pool = read_npy(args.pool, "mitigation pool")
     write_npy(args.out, draw_partition(pool, data.y_train[:], data.info.num_classes, args.spc, args.seed,
                                        data.info.name))

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from ..atomic import load_arrays, write_npz
+from ..atomic import load_arrays, read_npy, write_npz
 from ..data.store import PreparedDataset
 from ..params import resolve
 from ..poison import poison_dataset
@@ -32,5 +32,5 @@ def main(args):
     key = f"{data.info.name}/{args.attack}/{args.ratio:g}"
     poisoned = poison_dataset(attack, load_arrays(args.resource, "attack resource"), params,
                               data.x_train, data.y_train[:], data.x_test, data.y_test[:],
-                              np.load(args.pool, allow_pickle=False), args.ratio, args.target, args.seed, key)
+                              read_npy(args.pool, "mitigation pool"), args.ratio, args.target, args.seed, key)
     write_npz(args.out, **poisoned.arrays(), effective_ratio=np.float64(poisoned.effective_ratio))
