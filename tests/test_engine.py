@@ -83,3 +83,20 @@ def test_architectures_run_at_32_and_64_px_and_describe_their_parts(name, size):
     assert isinstance(modules[model.parts.classifier], torch.nn.Linear)
     assert isinstance(modules[model.parts.last_conv], torch.nn.Conv2d)
     assert model.parts.features in modules
+
+
+def test_the_batch_hook_rewrites_every_training_batch():
+    """Training-time attacks poison through this hook; here it relabels every batch to class 2."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 3, 16)
+    images = torch.randint(0, 255, (48, 16, 16, 3), dtype=torch.uint8)
+    seen = []
+
+    def relabel(x, y):
+        seen.append(len(y))
+        return x, torch.full_like(y, 2)
+
+    train(model, images, torch.arange(48) % 3, Recipe(epochs=3, batch_size=16, lr=0.05), NORMALISATION, seed=0,
+          batch_hook=relabel)
+    assert seen == [16] * 9
+    assert (predict(model, images, NORMALISATION, torch.device("cpu")) == 2).all()

@@ -61,8 +61,8 @@ class Registry:
         self._load()
         return sorted(self._entries.values(), key=lambda e: e.name)
 
-    def names(self, implemented_only: bool = False) -> list[str]:
-        return [e.name for e in self.entries() if e.implemented or not implemented_only]
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries()]
 
     def entry(self, name: str) -> Entry:
         self._load()
