@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv[0] if argv and argv[0] in STAGES else None).parse_args(argv)
     try:
         args.handler(args)
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
         print(f"bdsweep {args.command}: error: {str(error).strip(chr(34))}", file=sys.stderr)
         return 1
