@@ -93,3 +93,12 @@ def test_an_unimplemented_method_is_refused_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "defenses: defense 'nad' is not implemented yet" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_config_yaml_of_the_working_directory_is_used(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["datasets"] = {"mydigits": config["datasets"]["digits"]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = plan("--directory", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "results/data/mydigits/meta.json" in result.stdout

@@ -14,8 +14,9 @@ from bdsweep import grid, layout  # noqa: E402
 from bdsweep.config import ConfigError, unimplemented, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
 
-if "datasets" not in config:  # no --configfile given: the offline demo
-    configfile: os.path.join(workflow.basedir, "config.yaml")
+# Without --configfile: config.yaml of the working directory, else the workflow's own (the demo).
+if "datasets" not in config:
+    configfile: "config.yaml" if os.path.exists("config.yaml") else os.path.join(workflow.basedir, "config.yaml")
 
 
 try:
