@@ -57,16 +57,16 @@ def read_json(path: str | os.PathLike) -> dict:
         raise ValueError(f"corrupt JSON file {path}: {error}") from None
 
 
-def load_arrays(path: str | os.PathLike, kind: str = "array") -> dict[str, np.ndarray]:
-    """All arrays of an .npz file, read eagerly; errors name the path."""
+def read_arrays(path: str | os.PathLike, kind: str = "array") -> np.ndarray | dict[str, np.ndarray]:
+    """A .npy array, or all arrays of an .npz file, read eagerly; errors name the path."""
     import zipfile
 
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz archive")
-        with archive:
-            return {key: archive[key] for key in archive.files}
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                return {key: loaded[key] for key in loaded.files}
+        return loaded
     except FileNotFoundError:
         raise FileNotFoundError(f"missing {kind} file: {path}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
@@ -74,10 +74,14 @@ def load_arrays(path: str | os.PathLike, kind: str = "array") -> dict[str, np.nd
 
 
 def read_npy(path: str | os.PathLike, kind: str = "array") -> np.ndarray:
-    """One .npy array, read eagerly; errors name the path."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"missing {kind} file: {path}") from None
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(f"corrupt {kind} file {path}: {error}") from None
+    array = read_arrays(path, kind)
+    if isinstance(array, dict):
+        raise ValueError(f"corrupt {kind} file {path}: an .npz archive, not a single array")
+    return array
+
+
+def load_arrays(path: str | os.PathLike, kind: str = "array") -> dict[str, np.ndarray]:
+    arrays = read_arrays(path, kind)
+    if not isinstance(arrays, dict):
+        raise ValueError(f"corrupt {kind} file {path}: a single array, not an .npz archive")
+    return arrays

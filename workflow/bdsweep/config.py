@@ -156,9 +156,12 @@ def validate_config(config: dict) -> dict:
     return config
 
 
-def load_config(path: str | Path) -> dict:
+def read_config(path: str | Path) -> dict:
+    """A configuration file as a plain (not yet validated) dict."""
     try:
         with open(path) as handle:
-            return validate_config(yaml.safe_load(handle) or {})
+            return yaml.safe_load(handle) or {}
     except FileNotFoundError:
         raise ConfigError(f"configuration file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {error}") from None

@@ -7,6 +7,7 @@ mode, with large batches.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -49,9 +50,14 @@ class Normalisation:
     def apply(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float NCHW."""
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, x.device)
         return x.sub_(mean).div_(std)
+
+
+@functools.cache
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, 3, 1, 1) tensors, made once per device instead of copied every batch."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 def select_device(name: str = "auto") -> torch.device:
