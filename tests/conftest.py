@@ -78,7 +78,7 @@ def digits_backdoor(tmp_path_factory):
         ["resource", "--data", str(data), "--attack", "badnets", "--out", str(resource)],
         ["poison", "--data", str(data), "--pool", str(pool), "--resource", str(resource), "--attack", "badnets",
          "--ratio", "0.1", "--target", "0", "--seed", "0", "--out", str(poison)],
-        ["train", "--data", str(data), "--poison", str(poison), "--architecture", "small_cnn",
+        ["train", "--data", str(data), "--attack", "badnets", "--poison", str(poison), "--architecture", "small_cnn",
          "--recipe", '{"epochs": 8, "batch_size": 64, "lr": 0.05}', "--target", "0", "--seed", "0",
          "--device", "cpu", "--out-model", str(root / "model.pt"), "--out-metrics", str(root / "metrics.json"),
          "--out-curve", str(root / "curve.csv")],

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from bdsweep.attacks import ResourceContext
 from bdsweep.registry import ATTACKS
 from conftest import SHARED_RESOURCES, requires_shared
 
@@ -8,7 +9,7 @@ from conftest import SHARED_RESOURCES, requires_shared
 def stamp(images):
     attack = ATTACKS.get("badnets")
     params = attack.params()
-    return attack.apply_trigger(images, attack.make_resource(images.shape[1], params), params)
+    return attack.apply_trigger(images, attack.make_resource(ResourceContext(images.shape[1]), params), params)
 
 
 def test_three_by_three_white_square_in_the_bottom_right_corner_at_32px():

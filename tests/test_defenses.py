@@ -21,7 +21,7 @@ from bdsweep.registry import DEFENSES
 
 def defend(root, name, params=None, partition=True, out="run.json"):
     argv = ["defend", "--model", str(root / "model.pt"), "--model-metrics", str(root / "metrics.json"),
-            "--data", str(root / "data"), "--poison", str(root / "poison.npz"), "--defense", name,
+            "--data", str(root / "data"), "--backdoor", str(root / "poison.npz"), "--defense", name,
             "--params", json.dumps(params or {}), "--device", "cpu", "--out", str(root / out),
             "--coordinates", json.dumps({"dataset": "digits", "spc": 10, "seed": 0})]
     if partition:

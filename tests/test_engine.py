@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from bdsweep.checkpoint import load_model, save_model
-from bdsweep.engine import Normalisation, Recipe, augment_batch, predict, train
+from bdsweep.engine import AttackHook, Normalisation, Recipe, augment_batch, predict, train
 from bdsweep.models import create_model
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)
 
 
 def test_random_crop_shifts_the_image_inside_zero_padding():
-    image = torch.arange(1, 8 * 8 + 1, dtype=torch.uint8).view(1, 8, 8, 1).expand(64, 8, 8, 3).contiguous()
+    image = torch.arange(1, 8 * 8 + 1, dtype=torch.uint8).view(1, 1, 8, 8).expand(64, 3, 8, 8).contiguous()
     generator = torch.Generator().manual_seed(0)
     cropped = augment_batch(image, padding=2, hflip=False, generator=generator)
     assert cropped.shape == image.shape and cropped.dtype == torch.uint8
-    padded = torch.nn.functional.pad(image[0, :, :, 0], (2, 2, 2, 2))
+    padded = torch.nn.functional.pad(image[0, 0], (2, 2, 2, 2))
     windows = {(dy, dx) for dy in range(5) for dx in range(5)}
     found = set()
-    for crop in cropped[..., 0]:
+    for crop in cropped[:, 0]:
         match = [(dy, dx) for dy, dx in windows if torch.equal(padded[dy:dy + 8, dx:dx + 8], crop)]
         assert len(match) == 1
         found.add(match[0])
@@ -28,9 +28,9 @@ def test_random_crop_shifts_the_image_inside_zero_padding():
 
 
 def test_horizontal_flip_flips_about_half_and_only_when_allowed():
-    batch = torch.randint(0, 255, (200, 6, 6, 3), dtype=torch.uint8)
+    batch = torch.randint(0, 255, (200, 3, 6, 6), dtype=torch.uint8)
     flipped = augment_batch(batch, padding=0, hflip=True, generator=torch.Generator().manual_seed(1))
-    is_flipped = (flipped == batch.flip(2)).flatten(1).all(1)
+    is_flipped = (flipped == batch.flip(3)).flatten(1).all(1)
     is_same = (flipped == batch).flatten(1).all(1)
     assert (is_flipped | is_same).all() and 60 < int(is_flipped.sum()) < 140
     assert torch.equal(augment_batch(batch, 0, False, torch.Generator().manual_seed(1)), batch)
@@ -85,18 +85,31 @@ def test_architectures_run_at_32_and_64_px_and_describe_their_parts(name, size):
     assert model.parts.features in modules
 
 
-def test_the_batch_hook_rewrites_every_training_batch():
-    """Training-time attacks poison through this hook; here it relabels every batch to class 2."""
+def test_the_attack_hook_takes_part_in_every_training_batch():
+    """Training-time attacks poison through this hook; here it relabels every batch to class 2
+    and counts the optimiser steps and epochs it is told about."""
     torch.manual_seed(0)
     model = create_model("small_cnn", 3, 16)
     images = torch.randint(0, 255, (48, 16, 16, 3), dtype=torch.uint8)
-    seen = []
 
-    def relabel(x, y):
-        seen.append(len(y))
-        return x, torch.full_like(y, 2)
+    class Relabel(AttackHook):
+        def __init__(self):
+            self.batches, self.steps, self.epochs, self.seen = [], 0, 0, set()
 
+        def poison(self, x, y, indices):
+            assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+            self.batches.append(len(y))
+            self.seen.update(indices.tolist())
+            return x, torch.full_like(y, 2), None
+
+        def step(self):
+            self.steps += 1
+
+        def end_epoch(self):
+            self.epochs += 1
+
+    hook = Relabel()
     train(model, images, torch.arange(48) % 3, Recipe(epochs=3, batch_size=16, lr=0.05), NORMALISATION, seed=0,
-          batch_hook=relabel)
-    assert seen == [16] * 9
+          hook=hook)
+    assert hook.batches == [16] * 9 and hook.steps == 9 and hook.epochs == 3 and hook.seen == set(range(48))
     assert (predict(model, images, NORMALISATION, torch.device("cpu")) == 2).all()

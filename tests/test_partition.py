@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from bdsweep.attacks import ResourceContext
 from bdsweep.partition import draw_partition, reserve_pool
 from bdsweep.poison import poison_dataset
 from bdsweep.registry import ATTACKS
@@ -38,7 +39,8 @@ def test_attacks_never_poison_the_reserved_pool():
     pool = reserve_pool(LABELS, 5, 12, seed=0, dataset="d")
     attack = ATTACKS.get("badnets")
     params = attack.params()
-    poisoned = poison_dataset(attack, attack.make_resource(8, params), params, images, LABELS, images[:20],
+    poisoned = poison_dataset(attack, attack.make_resource(ResourceContext(8), params),
+                              params, images, LABELS, images[:20],
                               LABELS[:20], pool, ratio=0.5, target=0, seed=0, key="d/badnets/0.5")
     assert len(poisoned.train_indices) == 100  # round(0.5 * 200)
     assert not set(poisoned.train_indices) & set(pool)
@@ -46,5 +48,5 @@ def test_attacks_never_poison_the_reserved_pool():
     assert (LABELS[:20][poisoned.test_indices] != 0).all()
     assert poisoned.effective_ratio == 0.5
     with pytest.raises(ValueError, match="only 112 are eligible"):
-        poison_dataset(attack, attack.make_resource(8, params), params, images, LABELS, images[:20], LABELS[:20],
-                       pool, ratio=0.6, target=0, seed=0, key="d/badnets/0.6")
+        poison_dataset(attack, attack.make_resource(ResourceContext(8), params), params, images, LABELS, images[:20],
+                       LABELS[:20], pool, ratio=0.6, target=0, seed=0, key="d/badnets/0.6")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -47,11 +46,24 @@ class Normalisation:
     std: tuple[float, float, float]
     hflip: bool  # horizontal flips preserve labels on this dataset
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Float NCHW images in [0, 1] -> the model's input scale."""
+        mean, std = _channel_stats(self.mean, self.std, images.device)
+        return (images - mean) / std
+
     def apply(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC -> normalised float NCHW."""
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        mean, std = _channel_stats(self.mean, self.std, x.device)
-        return x.sub_(mean).div_(std)
+        return self.normalise(to_unit(batch))
+
+
+def to_unit(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [0, 1]."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float NCHW in [0, 1] -> uint8 NHWC, rounded to the nearest pixel value."""
+    return images.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @functools.cache
@@ -77,23 +89,41 @@ def autocast(device: torch.device):
 
 
 def augment_batch(batch: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding and optional horizontal flip, for a whole uint8 NHWC batch."""
-    n, h, w, _ = batch.shape
+    """Random crop with zero padding and optional horizontal flip for a whole NCHW batch (any
+    dtype; differentiable for float input, so a trigger generator trains through it)."""
+    n, c, h, w = batch.shape
     device = batch.device
     if padding:
-        padded = F.pad(batch, (0, 0, padding, padding, padding, padding))
+        # Gather whole pixels (channel vectors) through an NHWC view: far cheaper than per element.
+        pixels = F.pad(batch, (padding, padding, padding, padding)).permute(0, 2, 3, 1)
         dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), device=device, generator=generator)
         rows = dy + torch.arange(h, device=device).view(1, h, 1)
         cols = dx + torch.arange(w, device=device).view(1, 1, w)
-        batch = padded[torch.arange(n, device=device).view(n, 1, 1), rows, cols]
+        batch = pixels[torch.arange(n, device=device).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)
     if hflip:
         flip = torch.rand(n, device=device, generator=generator) < 0.5
-        batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(2), batch)
+        batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(3), batch)
     return batch
 
 
-BatchHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+class AttackHook:
+    """How a training-time attack takes part in training; the engine's loop stays the attack's.
+
+    Each batch is shuffled, then turned into float NCHW images in [0, 1], then handed to
+    ``poison``, then augmented and normalised: triggers are applied before augmentation, as the
+    training-time attacks' own code does. ``poison`` may return an extra loss term (IAB's
+    diversity loss); ``step`` runs after the classifier's optimiser step (IAB's generator step)."""
+
+    def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return images, labels, None
+
+    def step(self) -> None:
+        pass
+
+    def end_epoch(self) -> None:
+        pass
 
 
 def train(
@@ -104,13 +134,13 @@ def train(
     normalisation: Normalisation,
     seed: int,
     description: str = "train",
-    batch_hook: BatchHook | None = None,
+    hook: AttackHook | None = None,
     progress: bool | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 NHWC ``images`` (already on the model's device).
 
-    ``batch_hook(images, labels)`` may rewrite each uint8 batch before augmentation (the place
-    where training-time attacks poison). Returns the per-epoch curve."""
+    ``hook`` is a training-time attack's part in each batch (see :class:`AttackHook`).
+    Returns the per-epoch curve."""
     from tqdm.auto import tqdm
 
     device = images.device
@@ -130,22 +160,29 @@ def train(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for b in range(batches):
             index = order[b * recipe.batch_size:(b + 1) * recipe.batch_size]
-            x, y = images[index], labels[index]
-            if batch_hook is not None:
-                x, y = batch_hook(x, y)
-            if recipe.augment:
-                x = augment_batch(x, recipe.crop_padding, normalisation.hflip, generator)
+            x, y, extra_loss = images[index].permute(0, 3, 1, 2), labels[index], None
             with autocast(device):
-                logits = model(normalisation.apply(x))
+                if hook is not None:  # poison first, then augment the float batch
+                    x, y, extra_loss = hook.poison(x.float().div_(255.0), y, index)
+                if recipe.augment:
+                    x = augment_batch(x, recipe.crop_padding, normalisation.hflip, generator)
+                if hook is None:  # augmenting uint8 is cheaper; convert afterwards
+                    x = x.float().div_(255.0)
+                logits = model(normalisation.normalise(x))
                 loss = F.cross_entropy(logits, y)
+                objective = loss if extra_loss is None else loss + extra_loss
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimiser.step()
+            if hook is not None:
+                hook.step()
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         lr = optimiser.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
+        if hook is not None:
+            hook.end_epoch()
         # One host sync per epoch, not per batch.
         row = {"epoch": epoch + 1, "loss": loss_sum.item() / n, "accuracy": correct.item() / n, "lr": lr}
         curve.append(row)

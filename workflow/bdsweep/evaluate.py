@@ -22,10 +22,13 @@ def load_poison(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return load_arrays(path, "poison")
 
 
-def evaluate_model(model: nn.Module, data: PreparedDataset, poison: dict[str, np.ndarray], target: int,
+def evaluate_model(model: nn.Module, data: PreparedDataset, poison: dict[str, np.ndarray] | None, target: int,
                    device: torch.device) -> dict:
+    """ACC, ASR and RA; ASR and RA are None without a backdoor test set (a clean model)."""
     normalisation = normalisation_of(data)
     y_test = np.asarray(data.y_test)
     clean = predict(model, data.x_test, normalisation, device)
+    if poison is None:
+        return {"acc": float(np.mean(clean == y_test)), "asr": None, "ra": None}
     backdoor = predict(model, poison["test_images"], normalisation, device)
     return attack_metrics(clean, y_test, backdoor, y_test[poison["test_indices"]], target)

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 
 from .config import applies_to, method_params
-from .layout import NO_DATA, mitigation_token, ratio_token
-from .registry import DEFENSES
+from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, mitigation_token, ratio_token
+from .registry import ATTACKS, DEFENSES
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,24 @@ class ModelKey:
 
 
 def models(config: dict) -> list[ModelKey]:
-    return [ModelKey(d, a, k, ratio_token(r)) for d, a, k, r in itertools.product(
+    """Every backdoored model, then (with ``clean_models``) every clean model."""
+    backdoored = [ModelKey(d, a, k, ratio_token(r)) for d, a, k, r in itertools.product(
         config["datasets"], config["architectures"], config["attacks"], config["ratios"])
         if applies_to(config["attacks"][k], d)]
+    clean = [ModelKey(d, a, CLEAN, CLEAN_RATIO) for d, a in itertools.product(config["datasets"],
+                                                                              config["architectures"])]
+    return backdoored + (clean if config.get("clean_models") else [])
+
+
+def is_training_time(attack: str) -> bool:
+    from .attacks import is_training_time as training_time
+
+    return attack != CLEAN and training_time(ATTACKS.get(attack))
+
+
+def resource_scope(attack: str, architecture: str) -> str:
+    """Where a data-poisoning attack's trigger lives: shared by the dataset, or per architecture."""
+    return architecture if ATTACKS.get(attack).per_architecture else SHARED_SCOPE
 
 
 def mitigations(config: dict, defense: str) -> list[str]:

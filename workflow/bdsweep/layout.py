@@ -7,14 +7,19 @@ import re
 DATA_DIR = "{results}/data/{dataset}"
 POOL = "{results}/partitions/{dataset}/pool.npy"
 PARTITION = "{results}/partitions/{dataset}/spc{spc}/seed{seed}.npy"
-POISON = "{results}/poison/{dataset}/{attack}/{ratio}.npz"
+# {scope}: SHARED_SCOPE for triggers made once per dataset, else the architecture they were
+# computed against (LF), so a per-architecture trigger never overwrites another.
+RESOURCE = "{results}/resources/{dataset}/{scope}/{attack}.npz"
+POISON = "{results}/poison/{dataset}/{scope}/{attack}/{ratio}.npz"
 MODEL_DIR = "{results}/models/{dataset}/{architecture}/{attack}/{ratio}"
-MODEL, MODEL_METRICS, MODEL_CURVE = (f"{MODEL_DIR}/{name}" for name in ("model.pt", "metrics.json", "curve.csv"))
-RESOURCE = "{results}/resources/{dataset}/{attack}.npz"
+MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR = (
+    f"{MODEL_DIR}/{name}" for name in ("model.pt", "metrics.json", "curve.csv", "backdoor_test.npz"))
 RUN = "{results}/runs/{dataset}/{architecture}/{attack}/{ratio}/{defense}/{mitigation}.json"
 TABLE = "{results}/table/runs.parquet"
 FIGURE = "{results}/figures/{figure}.{ext}"
 
+SHARED_SCOPE = "all"
+CLEAN, CLEAN_RATIO = "clean", "0"  # the attack and ratio tokens of a dataset's clean (unpoisoned) models
 NO_DATA = "nodata"  # the mitigation wildcard of defenses that use no data
 MITIGATION = re.compile(r"spc(?P<spc>\d+)-seed(?P<seed>\d+)")
 

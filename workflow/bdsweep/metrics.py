@@ -31,5 +31,5 @@ def removal_metrics(pre: dict, post: dict) -> dict:
         return {"arr": None, "rdr": None}
     return {
         "arr": (pre["acc"] - post["acc"]) / pre["acc"],
-        "rdr": (pre["acc"] - post["ra"]) / pre["acc"],
+        "rdr": None if post["ra"] is None else (pre["acc"] - post["ra"]) / pre["acc"],
     }

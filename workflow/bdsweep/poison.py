@@ -32,6 +32,11 @@ class PoisonedData:
                                               "test_indices", "test_images")}
 
 
+def backdoor_test_indices(y_test, target: int) -> np.ndarray:
+    """Test images that can show an attack: every one whose true label is not the target."""
+    return np.flatnonzero(np.asarray(y_test) != target).astype(np.int64)
+
+
 def poison_dataset(attack: DataPoisoningAttack, resource, params, x_train, y_train, x_test, y_test,
                    reserved: np.ndarray, ratio: float, target: int, seed: int, key: str) -> PoisonedData:
     eligible = np.ones(len(y_train), dtype=bool)
@@ -45,7 +50,7 @@ def poison_dataset(attack: DataPoisoningAttack, resource, params, x_train, y_tra
         raise ValueError(f"{key}: ratio {ratio} needs {wanted} poisoned images, only {len(candidates)} are eligible")
     rng = np.random.default_rng(stable_seed("poison", key, seed))
     indices = np.sort(rng.choice(candidates, wanted, replace=False)).astype(np.int64)
-    test_indices = np.flatnonzero(np.asarray(y_test) != target).astype(np.int64)
+    test_indices = backdoor_test_indices(y_test, target)
     return PoisonedData(
         train_indices=indices,
         train_images=attack.apply_trigger(np.asarray(x_train[indices]), resource, params),

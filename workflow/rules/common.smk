@@ -1,6 +1,7 @@
 # Configuration, validated before any job runs, and the helpers every rule file uses.
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -32,15 +33,19 @@ if max(CONFIG["mitigation"]["spc"]) >= CONFIG["mitigation"]["pool_per_class"]:
                    "for every seed; raise mitigation.pool_per_class above it for distinct partitions")
 
 RESULTS = CONFIG["results"]
-DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, RUN, TABLE, FIGURE = (
+DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, TABLE, FIGURE = (
     layout.under(RESULTS, pattern)
     for pattern in (layout.DATA_DIR, layout.POOL, layout.PARTITION, layout.RESOURCE, layout.POISON, layout.MODEL,
-                    layout.MODEL_METRICS, layout.MODEL_CURVE, layout.RUN, layout.TABLE, layout.FIGURE)
+                    layout.MODEL_METRICS, layout.MODEL_CURVE, layout.MODEL_BACKDOOR, layout.RUN, layout.TABLE,
+                    layout.FIGURE)
 )
 LOGS = os.path.join(RESULTS, "logs")
 RUN_FILES = [RUN.format(**run) for run in grid.runs(CONFIG)]
 FIGURE_NAMES = sorted(FIGURES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
+# Attacks that poison inside the training loop have a train rule of their own (train.smk).
+TRAINING_TIME_ATTACKS = [name for name in CONFIG["attacks"] if grid.is_training_time(name)]
+DATA_POISONING_ATTACKS = [name for name in CONFIG["attacks"] if name not in TRAINING_TIME_ATTACKS] + [layout.CLEAN]
 
 
 wildcard_constraints:
@@ -48,6 +53,7 @@ wildcard_constraints:
     architecture=r"[^/]+",
     attack=r"[^/]+",
     ratio=r"[0-9.e-]+",
+    scope=r"[^/]+",
     defense=r"[^/]+",
     mitigation=r"nodata|spc[0-9]+-seed[0-9]+",
     spc=r"[0-9]+",
@@ -73,13 +79,59 @@ def model_coordinates(wildcards):
                        "attack": wildcards.attack, "ratio": float(wildcards.ratio)})
 
 
+def one_of(names):
+    """A wildcard constraint matching exactly these names."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def clean_model(dataset, architecture):
+    return MODEL.format(dataset=dataset, architecture=architecture, attack=layout.CLEAN, ratio=layout.CLEAN_RATIO)
+
+
+def poison_file(wildcards):
+    """The poison file a data-poisoning attack's model trains on."""
+    scope = grid.resource_scope(wildcards.attack, wildcards.architecture)
+    return POISON.format(dataset=wildcards.dataset, scope=scope, attack=wildcards.attack, ratio=wildcards.ratio)
+
+
+def backdoor_test_set(wildcards):
+    """Where a model's backdoor test set lives: its poison file, or (training-time attacks) the
+    file written beside the model; a clean model has none."""
+    if wildcards.attack == layout.CLEAN:
+        return {}
+    if wildcards.attack in TRAINING_TIME_ATTACKS:
+        return {"backdoor": MODEL_BACKDOOR.format(**wildcards)}
+    return {"backdoor": poison_file(wildcards)}
+
+
+def resource_inputs(wildcards):
+    """A resource's inputs; the clean model for per-architecture resources (scope = architecture)."""
+    inputs = {"data": data_files(wildcards.dataset)}
+    if wildcards.scope != layout.SHARED_SCOPE:
+        inputs["clean_model"] = clean_model(wildcards.dataset, wildcards.scope)
+    return inputs
+
+
+def train_inputs(wildcards):
+    """A data-poisoning attack's model trains on its poison file; a clean model on the dataset alone."""
+    inputs = {"data": data_files(wildcards.dataset)}
+    if wildcards.attack != layout.CLEAN:
+        inputs["poison"] = poison_file(wildcards)
+    return inputs
+
+
+def optional_flag(flag, name):
+    """Rule params: ``flag <input.name>`` when the job has that input, else nothing."""
+    return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if name in input.keys() else ""
+
+
 def defend_inputs(wildcards):
     """A run's inputs; the partition only for defenses that use mitigation data."""
     inputs = {
         "data": data_files(wildcards.dataset),
         "model": MODEL.format(**wildcards),
         "metrics": MODEL_METRICS.format(**wildcards),
-        "poison": POISON.format(**wildcards),
+        **backdoor_test_set(wildcards),
     }
     spc, seed = layout.parse_mitigation(wildcards.mitigation)
     if spc is not None:

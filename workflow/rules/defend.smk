@@ -9,7 +9,8 @@ rule defend:
     params:
         defense=params_of("defenses"),
         coordinates=run_coordinates,
-        partition=lambda wildcards, input: f"--partition {input.partition}" if "partition" in input.keys() else "",
+        partition=optional_flag("--partition", "partition"),
+        backdoor=optional_flag("--backdoor", "backdoor"),
         device=CONFIG["device"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
@@ -19,6 +20,6 @@ rule defend:
         CONDA_ENV
     shell:
         "python -m bdsweep defend --model {input.model} --model-metrics {input.metrics} --data {params.directory}"
-        " {params.partition} --poison {input.poison} --defense {wildcards.defense}"
+        " {params.partition} {params.backdoor} --defense {wildcards.defense}"
         " --params {params.defense:q} --coordinates {params.coordinates:q} --device {params.device}"
         " --out {output} > {log} 2>&1"

@@ -1,4 +1,6 @@
-# Stage 3: poisoned training images and the backdoor test set per (dataset, attack, ratio).
+# Stage 3: poisoned training images and the backdoor test set per (dataset, attack, ratio) of a
+# data-poisoning attack ({scope}: see the resources stage). Training-time attacks have no poison
+# file: they poison inside the training loop (train.smk).
 
 
 rule poison_dataset:
@@ -14,7 +16,7 @@ rule poison_dataset:
         seed=CONFIG["seed"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
-        os.path.join(LOGS, "poison/{dataset}/{attack}/{ratio}.log"),
+        os.path.join(LOGS, "poison/{dataset}/{scope}/{attack}/{ratio}.log"),
     threads: 1
     conda:
         CONDA_ENV

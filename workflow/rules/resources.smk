@@ -1,19 +1,26 @@
-# Stage 2: what an attack's trigger needs, built once per dataset (BadNets: patch and mask).
+# Stage 2: what a data-poisoning attack's trigger needs, built once per dataset (BadNets' patch,
+# Blended's image, SSBA's trained encoder) or per (dataset, architecture) against a clean model
+# (LF's universal perturbation; {scope} is then the architecture).
 
 
 rule attack_resource:
     input:
-        data=lambda wildcards: data_files(wildcards.dataset),
+        unpack(resource_inputs),
     output:
         RESOURCE,
     params:
         attack=params_of("attacks"),
+        clean_model=optional_flag("--clean-model", "clean_model"),
+        target=CONFIG["target"],
+        seed=CONFIG["seed"],
+        device=CONFIG["device"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
-        os.path.join(LOGS, "resources/{dataset}/{attack}.log"),
+        os.path.join(LOGS, "resources/{dataset}/{scope}/{attack}.log"),
     threads: 1
     conda:
         CONDA_ENV
     shell:
         "python -m bdsweep resource --data {params.directory} --attack {wildcards.attack}"
-        " --params {params.attack:q} --out {output} > {log} 2>&1"
+        " --params {params.attack:q} {params.clean_model} --target {params.target} --seed {params.seed}"
+        " --device {params.device} --out {output} > {log} 2>&1"

@@ -1,16 +1,20 @@
-# Stage 4: a backdoored model per (dataset, architecture, attack, ratio), with its pre-defense
-# metrics (flagged when under the sanity gates) and training curve.
+# Stage 4: a model per (dataset, architecture, attack, ratio), with its pre-defense metrics
+# (flagged when under the sanity gates) and training curve. Data-poisoning attacks train on their
+# poison file; attack "clean" (ratio 0) is the clean model; training-time attacks poison inside
+# the training loop and write their backdoor test set beside the model.
 
 
 rule train_model:
     input:
-        data=lambda wildcards: data_files(wildcards.dataset),
-        poison=POISON,
+        unpack(train_inputs),
     output:
         model=MODEL,
         metrics=MODEL_METRICS,
         curve=MODEL_CURVE,
+    wildcard_constraints:
+        attack=one_of(DATA_POISONING_ATTACKS),
     params:
+        attack_inputs=optional_flag("--poison", "poison"),
         recipe=params_of("training"),
         sanity=json.dumps(CONFIG["sanity"]),
         coordinates=model_coordinates,
@@ -24,8 +28,26 @@ rule train_model:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep train --data {params.directory} --poison {input.poison}"
+        "python -m bdsweep train --data {params.directory} --attack {wildcards.attack} {params.attack_inputs}"
         " --architecture {wildcards.architecture} --recipe {params.recipe:q} --sanity {params.sanity:q}"
         " --coordinates {params.coordinates:q} --target {params.target} --seed {params.seed}"
         " --device {params.device} --out-model {output.model} --out-metrics {output.metrics}"
         " --out-curve {output.curve} > {log} 2>&1"
+
+
+use rule train_model as train_model_poisoned_in_the_loop with:
+    input:
+        data=lambda wildcards: data_files(wildcards.dataset),
+        pool=POOL,
+    output:
+        model=MODEL,
+        metrics=MODEL_METRICS,
+        curve=MODEL_CURVE,
+        backdoor=MODEL_BACKDOOR,
+    wildcard_constraints:
+        attack=one_of(TRAINING_TIME_ATTACKS),
+    params:
+        attack_inputs=lambda wildcards, input, output: (
+            f"--attack-params {shlex.quote(grid.params_json(CONFIG, 'attacks', wildcards.attack, wildcards.dataset))}"
+            f" --ratio {wildcards.ratio} --pool {input.pool} --out-backdoor {output.backdoor}"
+        ),

@@ -1,48 +1,197 @@
-"""Attacks, one module each, registered in ``bdsweep.registry.ATTACKS``.
+"""Attacks, one module each, registered in ``bdsweep.registry.ATTACKS``. There are two kinds.
 
-A data-poisoning attack has two functions. ``make_resource(image_size, params)`` builds what the
-trigger needs once per dataset (BadNets: the patch and its mask) and is the attack-resources
-stage; ``apply_trigger(images, resource, params)`` stamps a whole uint8 NHWC array at once. The
+A **data-poisoning** attack (BadNets, Blended, SIG, LF, SSBA) changes training images before
+training. ``make_resource(context, params)`` builds what its trigger needs once (the attack-resources
+stage: BadNets' patch, Blended's image, LF's perturbation against a clean model, SSBA's trained
+encoder); ``apply_trigger(images, resource, params)`` stamps a whole uint8 NHWC array at once. The
 poison stage (``bdsweep.poison``) chooses which training images receive the trigger and builds the
-backdoor test set, identically for every such attack.
+backdoor test set, identically for every such attack. A resource is per dataset, or per (dataset,
+architecture) when ``per_architecture`` is set (LF: it is computed against that architecture).
+
+A **training-time** attack (IAB, WaNet, BPP) poisons inside the training loop, as its paper does:
+``make_hook(context, params)`` returns a :class:`TrainingHook` that the engine calls on every batch;
+after training, the hook's ``trigger`` makes the backdoor test set.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
+from ..engine import AttackHook, Normalisation
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
+META = "meta"  # a resource's optional JSON metadata entry (e.g. SSBA's PSNR and bit accuracy)
+
+
+def with_meta(resource: Resource, meta: dict) -> Resource:
+    """``resource`` plus JSON metadata stored as a string array (npz-safe, no pickle)."""
+    return {**resource, META: np.array(json.dumps(meta, sort_keys=True))}
+
+
+def meta_of(resource: Resource) -> dict:
+    return json.loads(str(resource[META])) if META in resource else {}
+
+
+@dataclass(frozen=True)
+class ResourceContext:
+    """What building a trigger resource may use: the dataset's training images (the attacker's
+    data), a clean model of the architecture for per-architecture resources, and where to compute."""
+
+    image_size: int
+    num_classes: int = 0
+    target: int = 0
+    seed: int = 0
+    device: torch.device = torch.device("cpu")
+    normalisation: Normalisation | None = None
+    train_images: np.ndarray | None = None  # uint8 NHWC (a memory map; index it, do not copy it whole)
+    train_labels: np.ndarray | None = None
+    clean_model: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True)
 class DataPoisoningAttack:
     params: type  # frozen dataclass of defaults
-    make_resource: Callable[[int, object], Resource]  # (image size, params) -> arrays
-    apply_trigger: Callable[[np.ndarray, Resource, object], np.ndarray]  # uint8 NHWC -> uint8 NHWC
+    make_resource: Callable[[ResourceContext, Any], Resource]
+    apply_trigger: Callable[[np.ndarray, Resource, Any], np.ndarray]  # uint8 NHWC -> uint8 NHWC
     clean_label: bool = False  # poisons only target-class images and keeps their labels
+    per_architecture: bool = False  # the resource is computed against a clean model of the architecture
 
 
-def data_poisoning(name: str, description: str, params: type, make_resource, clean_label: bool = False):
+def data_poisoning(name: str, description: str, params: type, make_resource, clean_label: bool = False,
+                   per_architecture: bool = False):
     """Register ``apply_trigger(images, resource, params)`` as the attack ``name``."""
 
     def decorate(apply_trigger):
-        ATTACKS.register(name, description)(DataPoisoningAttack(params, make_resource, apply_trigger, clean_label))
+        attack = DataPoisoningAttack(params, make_resource, apply_trigger, clean_label, per_architecture)
+        ATTACKS.register(name, description)(attack)
         return apply_trigger
 
     return decorate
 
 
-ATTACKS.declare_planned({
-    "blended": "Blended: x' = 0.8 x + 0.2 image",
-    "sig": "SIG: clean-label sinusoidal signal",
-    "lf": "LF: low-frequency universal perturbation",
-    "ssba": "SSBA: sample-specific invisible trigger from an encoder",
-    "iab": "IAB: input-aware dynamic trigger generator",
-    "wanet": "WaNet: warping-based trigger",
-    "bpp": "BPP: colour-quantisation trigger",
-})
+@dataclass(frozen=True)
+class HookContext:
+    """What a training-time attack knows when training starts."""
+
+    images: torch.Tensor  # the whole training set, uint8 NHWC on the training device
+    labels: torch.Tensor
+    poisonable: torch.Tensor  # bool per training image: False for the reserved mitigation pool
+    normalisation: Normalisation
+    num_classes: int
+    image_size: int
+    target: int
+    ratio: float
+    batch_size: int
+    seed: int
+    progress: bool | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+
+class TrainingHook(AttackHook):
+    """A training-time attack's state during and after training.
+
+    Subclasses implement ``poison`` (see :class:`bdsweep.engine.AttackHook`) and ``trigger``; they
+    count what they poison through :meth:`split` so the effective ratio is measured, not assumed."""
+
+    def __init__(self, context: HookContext):
+        self.context = context
+        self.seen = 0
+        self.poisoned = 0
+
+    def split(self, indices: torch.Tensor, *shares: float) -> list[torch.Tensor]:
+        """Positions in the batch for each share of it, in order (e.g. backdoor, cross), taken
+        from the front of the (already shuffled) batch among images outside the reserved pool.
+        The first share is the poisoned one and is counted; counts are int(share * batch size),
+        as the attacks' own code computes them."""
+        eligible = torch.nonzero(self.context.poisonable[indices]).flatten()
+        positions, start = [], 0
+        for share in shares:
+            count = min(int(share * len(indices)), len(eligible) - start)
+            positions.append(eligible[start:start + count])
+            start += count
+        self.seen += len(indices)
+        self.poisoned += len(positions[0])
+        return positions
+
+    @property
+    def effective_ratio(self) -> float:
+        return self.poisoned / self.seen if self.seen else 0.0
+
+    def trigger(self, images: torch.Tensor) -> torch.Tensor:
+        """The backdoor trigger on float NCHW images in [0, 1] (no gradient); for the test set."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that define the trained trigger (warp field, generator weights), saved with the
+        backdoor test set so the trigger can be inspected or reused."""
+        return {}
+
+
+@dataclass(frozen=True)
+class TrainingTimeAttack:
+    params: type
+    make_hook: Callable[[HookContext, Any], TrainingHook]
+
+
+def training_time(name: str, description: str, params: type):
+    """Register ``make_hook(context, params) -> TrainingHook`` as the attack ``name``."""
+
+    def decorate(make_hook):
+        ATTACKS.register(name, description)(TrainingTimeAttack(params, make_hook))
+        return make_hook
+
+    return decorate
+
+
+def is_training_time(attack) -> bool:
+    return isinstance(attack, TrainingTimeAttack)
+
+
+@torch.no_grad()
+def apply_in_batches(images: np.ndarray, function: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                     batch_size: int = 512) -> np.ndarray:
+    """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array."""
+    from ..engine import as_tensor, to_uint8, to_unit
+
+    out = np.empty_like(images)
+    for start in range(0, len(images), batch_size):
+        batch = to_unit(as_tensor(np.asarray(images[start:start + batch_size]), device))
+        out[start:start + batch_size] = to_uint8(function(batch)).cpu().numpy()
+    return out
+
+
+CHUNK = 256  # images per step of a whole-array trigger: intermediates stay in cache and memory stays bounded
+
+
+def in_chunks(images: np.ndarray, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``function`` over consecutive chunks of a uint8 NHWC array (no per-image Python)."""
+    out = np.empty_like(images)
+    for start in range(0, len(images), CHUNK):
+        out[start:start + CHUNK] = function(np.asarray(images[start:start + CHUNK]))
+    return out
+
+
+def add_offset(images: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """clip(x + offset) for an integer offset broadcastable to HWC: exact, in int16."""
+    offset = np.asarray(offset, dtype=np.int16)
+    return in_chunks(images, lambda chunk: np.clip(chunk.astype(np.int16) + offset, 0, 255).astype(np.uint8))
+
+
+def scaled(size: int, image_size: int, reference: int = 32) -> int:
+    """A length defined at 32 px, scaled with the image (at least 1)."""
+    return max(1, round(size * image_size / reference)) if image_size != reference else size
+
+
+__all__ = ["Resource", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack", "data_poisoning",
+           "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
+           "in_chunks", "add_offset", "scaled"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import Resource, data_poisoning
+from . import Resource, ResourceContext, data_poisoning, in_chunks
 
 REFERENCE_SIZE = 32
 
@@ -20,7 +20,8 @@ class BadNetsParams:
     value: int = 255  # pixel value of every channel under the square
 
 
-def square_patch(image_size: int, params: BadNetsParams) -> Resource:
+def square_patch(context: ResourceContext, params: BadNetsParams) -> Resource:
+    image_size = context.image_size
     side = max(1, round(params.size * image_size / REFERENCE_SIZE))
     mask = np.zeros((image_size, image_size), dtype=bool)
     mask[-side:, -side:] = True
@@ -30,4 +31,12 @@ def square_patch(image_size: int, params: BadNetsParams) -> Resource:
 
 @data_poisoning("badnets", "BadNets: white square at the bottom-right corner", BadNetsParams, square_patch)
 def stamp_patch(images: np.ndarray, resource: Resource, params: BadNetsParams) -> np.ndarray:
-    return np.where(resource["mask"][None, :, :, None], resource["pattern"][None], images).astype(np.uint8)
+    mask = resource["mask"]
+    patch = resource["pattern"][mask]
+
+    def stamp(chunk):
+        chunk = chunk.copy()
+        chunk[:, mask] = patch
+        return chunk
+
+    return in_chunks(images, stamp)

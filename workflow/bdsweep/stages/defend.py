@@ -34,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--model-metrics", required=True, help="the model's pre-defense metrics file")
     parser.add_argument("--data", required=True, help="prepared dataset directory")
     parser.add_argument("--partition", help="mitigation partition (indices); omit for defenses that use no data")
-    parser.add_argument("--poison", required=True, help="poison file holding the backdoor test set")
+    parser.add_argument("--backdoor", help="the backdoor test set (a poison file, or a training-time attack's "
+                        "backdoor_test.npz); omit for a clean model")
     parser.add_argument("--defense", required=True)
     parser.add_argument("--params", default="{}", type=json.loads, help="defense hyperparameters, JSON")
     parser.add_argument("--coordinates", default="{}", type=json.loads, help="grid coordinates to record")
@@ -97,7 +98,8 @@ def main(args):
     pre = model_record["metrics"]
     post = removal = None
     if outcome["model"] is not None:
-        post = evaluate_model(outcome["model"], data, load_poison(args.poison), model_record["target"], device)
+        backdoor = load_poison(args.backdoor) if args.backdoor else None
+        post = evaluate_model(outcome["model"], data, backdoor, model_record["target"], device)
         removal = removal_metrics(pre, post)
 
     hyperparameters = as_dict(params)

@@ -1,4 +1,9 @@
-"""Train a backdoored model on a poisoned training set; record its pre-defense metrics."""
+"""Train a model of one (dataset, architecture, attack, ratio) and record its pre-defense metrics.
+
+Three cases: a data-poisoning attack trains on the poisoned training set of the poison stage; a
+training-time attack poisons inside the training loop through its hook and then writes its
+backdoor test set next to the model; attack ``clean`` trains on clean data (the "no attack"
+model, also the model LF's trigger is computed against)."""
 
 from __future__ import annotations
 
@@ -9,19 +14,28 @@ import time
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, read_npy, write_json, write_npz
+from ..attacks import HookContext, apply_in_batches, is_training_time
 from ..checkpoint import save_model
 from ..data.store import PreparedDataset
 from ..engine import Recipe, as_tensor, select_device, train
 from ..evaluate import evaluate_model, load_poison, normalisation_of
+from ..layout import CLEAN
 from ..models import create_model
 from ..params import as_dict, resolve
+from ..poison import backdoor_test_indices
 from ..provenance import device_name, versions
+from ..registry import ATTACKS
 
 
 def add_arguments(parser):
     parser.add_argument("--data", required=True, help="prepared dataset directory")
-    parser.add_argument("--poison", required=True, help="poison file of the (dataset, attack, ratio)")
+    parser.add_argument("--attack", required=True, help=f"an attack name, or {CLEAN!r} for a clean model")
+    parser.add_argument("--poison", help="poison file of a data-poisoning attack")
+    parser.add_argument("--attack-params", default="{}", type=json.loads,
+                        help="hyperparameters of a training-time attack, JSON")
+    parser.add_argument("--ratio", type=float, default=0.0, help="poisoning ratio of a training-time attack")
+    parser.add_argument("--pool", help="reserved mitigation pool, never poisoned (training-time attacks)")
     parser.add_argument("--architecture", required=True)
     parser.add_argument("--recipe", default="{}", type=json.loads, help="training recipe overrides, JSON")
     parser.add_argument("--sanity", default="{}", type=json.loads, help='{"min_acc": .., "min_asr": ..}')
@@ -32,6 +46,7 @@ def add_arguments(parser):
     parser.add_argument("--out-model", required=True)
     parser.add_argument("--out-metrics", required=True)
     parser.add_argument("--out-curve", required=True)
+    parser.add_argument("--out-backdoor", help="backdoor test set written by a training-time attack")
 
 
 def poisoned_training_set(data: PreparedDataset, poison: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -48,27 +63,59 @@ def write_curve(path, curve: list[dict]) -> None:
         writer.writerows(curve)
 
 
+def sanity_flags(metrics: dict, gates: dict) -> dict:
+    """Which gates the model fails; None where a gate does not apply (ASR of a clean model)."""
+    asr = metrics["asr"]
+    return {"acc_below_gate": metrics["acc"] < gates["min_acc"],
+            "asr_below_gate": None if asr is None else asr < gates["min_asr"]}
+
+
 def main(args):
     device = select_device(args.device)
     torch.manual_seed(args.seed)
     data = PreparedDataset(args.data)
-    poison = load_poison(args.poison)
     recipe = resolve(Recipe, args.recipe, "training")
-    images, labels = poisoned_training_set(data, poison)
+    attack = None if args.attack == CLEAN else ATTACKS.get(args.attack)
+    hook = poison = None
+    if attack is None:
+        images, labels = np.array(data.x_train), np.array(data.y_train)
+    elif is_training_time(attack):
+        if not (args.pool and args.out_backdoor):
+            raise ValueError(f"training-time attack {args.attack!r} needs --pool and --out-backdoor")
+        images, labels = np.array(data.x_train), np.array(data.y_train)
+    else:
+        if not args.poison:
+            raise ValueError(f"data-poisoning attack {args.attack!r} needs --poison")
+        poison = load_poison(args.poison)
+        images, labels = poisoned_training_set(data, poison)
+    images, labels = as_tensor(images, device), as_tensor(labels, device)
+    if attack is not None and is_training_time(attack):
+        poisonable = torch.ones(len(labels), dtype=torch.bool, device=device)
+        poisonable[as_tensor(read_npy(args.pool, "mitigation pool"), device)] = False
+        context = HookContext(images, labels, poisonable, normalisation_of(data), data.info.num_classes,
+                              data.info.image_size, args.target, args.ratio, recipe.batch_size, args.seed)
+        hook = attack.make_hook(context, resolve(attack.params, args.attack_params, f"attack {args.attack!r}"))
     model = create_model(args.architecture, data.info.num_classes, data.info.image_size).to(device)
 
     started = time.perf_counter()
-    curve = train(model, as_tensor(images, device), as_tensor(labels, device), recipe, normalisation_of(data),
-                  args.seed, description=f"train {args.architecture}")
+    curve = train(model, images, labels, recipe, normalisation_of(data), args.seed,
+                  description=f"train {args.architecture} {args.attack}", hook=hook)
     train_seconds = time.perf_counter() - started
+    del images, labels
+    if hook is not None:
+        test_indices = backdoor_test_indices(data.y_test, args.target)
+        poison = {"test_indices": test_indices,
+                  "test_images": apply_in_batches(np.asarray(data.x_test[test_indices]), hook.trigger, device)}
+        write_npz(args.out_backdoor, **poison, **{f"trigger.{k}": v for k, v in hook.state().items()})
     metrics = evaluate_model(model, data, poison, args.target, device)
 
     gates = {"min_acc": 0.0, "min_asr": 0.0, **args.sanity}
-    sanity = {"acc_below_gate": metrics["acc"] < gates["min_acc"], "asr_below_gate": metrics["asr"] < gates["min_asr"]}
+    effective_ratio = (0.0 if attack is None else hook.effective_ratio if hook is not None
+                       else float(poison["effective_ratio"]))
     meta = {**args.coordinates, "architecture": args.architecture, "num_classes": data.info.num_classes,
-            "image_size": data.info.image_size, "target": args.target, "seed": args.seed,
-            "recipe": as_dict(recipe), "effective_ratio": float(poison["effective_ratio"]), "versions": versions()}
+            "image_size": data.info.image_size, "attack": args.attack, "target": args.target, "seed": args.seed,
+            "recipe": as_dict(recipe), "effective_ratio": effective_ratio, "versions": versions()}
     save_model(args.out_model, model, meta)
     write_curve(args.out_curve, curve)
-    write_json(args.out_metrics, {**meta, "metrics": metrics, "sanity": sanity, "sanity_gates": gates,
-                                  "train_seconds": train_seconds, "device": device_name(device)})
+    write_json(args.out_metrics, {**meta, "metrics": metrics, "sanity": sanity_flags(metrics, gates),
+                                  "sanity_gates": gates, "train_seconds": train_seconds, "device": device_name(device)})

@@ -1,0 +1,60 @@
+"""BPP (Wang et al., 2022): the trigger is colour quantisation. Each channel is squeezed to
+``squeeze`` levels (8: x' = round(x (q - 1)) / (q - 1)), without dithering. Per batch, a share
+``ratio`` of images is quantised and relabelled to the target; a share ``negative_ratio`` become
+negative samples that keep their labels: the image plus the quantisation residual of another,
+random training image (clipped), so the model keys on quantisation, not on any small change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import to_unit
+from . import HookContext, TrainingHook, training_time
+
+
+@dataclass(frozen=True)
+class BPPParams:
+    squeeze: int = 8  # colour levels per channel
+    negative_ratio: float = 0.1  # share of each batch made negative samples
+
+    def __post_init__(self):
+        if self.squeeze < 2:
+            raise ValueError(f"squeeze must be at least 2 levels, got {self.squeeze}")
+        if not 0 <= self.negative_ratio < 1:
+            raise ValueError(f"negative_ratio must be in [0, 1), got {self.negative_ratio}")
+
+
+def quantise(images: torch.Tensor, levels: int) -> torch.Tensor:
+    """Float images in [0, 1] (from uint8 pixels) -> ``levels`` values per channel."""
+    pixels = torch.round(images * 255)
+    return torch.round(pixels / 255 * (levels - 1)) / (levels - 1)
+
+
+class BPPHook(TrainingHook):
+    def __init__(self, context: HookContext, params: BPPParams):
+        super().__init__(context)
+        self.params = params
+        self.generator = torch.Generator(device=context.device).manual_seed(context.seed)
+
+    def poison(self, images, labels, indices):
+        backdoor, negative = self.split(indices, self.context.ratio, self.params.negative_ratio)
+        images, labels = images.clone(), labels.clone()
+        images[backdoor] = quantise(images[backdoor], self.params.squeeze)
+        labels[backdoor] = self.context.target
+        if len(negative):
+            donors = torch.randint(0, len(self.context.images), (len(negative),), device=images.device,
+                                   generator=self.generator)
+            donor = to_unit(self.context.images[donors])
+            residual = quantise(donor, self.params.squeeze) - donor
+            images[negative] = (images[negative] + residual).clamp(0, 1)
+        return images, labels, None
+
+    def trigger(self, images):
+        return quantise(images, self.params.squeeze)
+
+
+@training_time("bpp", "BPP: colour-quantisation trigger", BPPParams)
+def make_hook(context: HookContext, params: BPPParams) -> BPPHook:
+    return BPPHook(context, params)

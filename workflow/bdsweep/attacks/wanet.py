@@ -1,0 +1,81 @@
+"""WaNet (Nguyen & Tran, 2021): the trigger is a small, smooth, fixed warp of the image.
+
+A random k x k field of 2-D offsets (uniform in [-1, 1], normalised to mean magnitude 1) is
+upsampled bicubically to the image size; the warp moves each pixel by s * field / H in
+grid_sample's [-1, 1] coordinates. Per batch, a share ``ratio`` of images is warped and relabelled
+to the target, and a share ``ratio * cross_ratio`` (the "noise" or cross samples) is warped with the
+field plus random per-pixel noise and keeps its label, so the model learns this warp only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import HookContext, TrainingHook, training_time
+
+
+@dataclass(frozen=True)
+class WaNetParams:
+    k: int = 4  # control-grid size
+    s: float = 0.5  # warping strength
+    cross_ratio: float = 2.0  # noise samples per backdoor sample
+    grid_rescale: float = 1.0
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2, got {self.k}")
+        if self.s < 0 or self.cross_ratio < 0 or self.grid_rescale <= 0:
+            raise ValueError("s and cross_ratio must be non-negative and grid_rescale positive")
+
+
+def identity_grid(size: int) -> torch.Tensor:
+    """(1, size, size, 2) sampling grid (x, y) of grid_sample that reproduces the image."""
+    line = torch.linspace(-1, 1, size)
+    rows, cols = torch.meshgrid(line, line, indexing="ij")
+    return torch.stack((cols, rows), dim=-1).unsqueeze(0)
+
+
+def warp_field(size: int, params: WaNetParams, generator: torch.Generator) -> torch.Tensor:
+    """The fixed backdoor sampling grid, (1, size, size, 2)."""
+    offsets = torch.rand(1, 2, params.k, params.k, generator=generator) * 2 - 1
+    offsets = offsets / offsets.abs().mean()
+    field = F.interpolate(offsets, size=size, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    return (identity_grid(size) + params.s * field / size * params.grid_rescale).clamp(-1, 1)
+
+
+def warp(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(images, grid.expand(len(images), -1, -1, -1).to(images.dtype), align_corners=True)
+
+
+class WaNetHook(TrainingHook):
+    def __init__(self, context: HookContext, params: WaNetParams):
+        super().__init__(context)
+        self.params = params
+        self.grid = warp_field(context.image_size, params, torch.Generator().manual_seed(context.seed))
+        self.grid = self.grid.to(context.device)
+        self.noise = torch.Generator(device=context.device).manual_seed(context.seed + 1)
+
+    def poison(self, images, labels, indices):
+        backdoor, cross = self.split(indices, self.context.ratio, self.context.ratio * self.params.cross_ratio)
+        images, labels = images.clone(), labels.clone()
+        images[backdoor] = warp(images[backdoor], self.grid)
+        labels[backdoor] = self.context.target
+        if len(cross):
+            size = self.context.image_size
+            noise = torch.rand(len(cross), size, size, 2, device=images.device, generator=self.noise) * 2 - 1
+            images[cross] = F.grid_sample(images[cross], (self.grid + noise / size).clamp(-1, 1).to(images.dtype),
+                                          align_corners=True)
+        return images, labels, None
+
+    def trigger(self, images):
+        return warp(images, self.grid)
+
+    def state(self):
+        return {"warp_grid": self.grid.cpu().numpy()}
+
+
+@training_time("wanet", "WaNet: warping-based trigger", WaNetParams)
+def make_hook(context: HookContext, params: WaNetParams) -> WaNetHook:
+    return WaNetHook(context, params)
