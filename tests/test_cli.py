@@ -10,7 +10,7 @@ def test_bdsweep_list_shows_every_kind_and_what_is_implemented():
     lines = result.stdout.splitlines()
     assert lines[0] == "attacks:" and "dataset sources:" in lines
     rows = {line.split()[0]: line.split()[1] for line in lines if line.startswith("  ")}
-    assert rows["badnets"] == "implemented" and rows["wanet"] == "planned"
+    assert all(rows[a] == "implemented" for a in ("badnets", "blended", "sig", "lf", "ssba", "iab", "wanet", "bpp"))
     assert rows["ft"] == rows["clp"] == rows["none"] == "implemented" and rows["sau"] == "planned"
     assert rows["preact_resnet18"] == rows["small_cnn"] == "implemented" and rows["vgg19_bn"] == "planned"
     assert all(rows[s] == "implemented" for s in ("cifar10", "gtsrb", "tiny-imagenet", "npz", "digits"))

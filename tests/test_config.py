@@ -33,7 +33,7 @@ def changed(**edits):
 
 def test_demo_and_paper_presets_are_valid():
     demo = validate_config(DEMO)
-    assert len(models(demo)) == 2 and len(runs(demo)) == 2 * (1 + 1 + 2 * 2)
+    assert len(models(demo)) == 8 + 1 and len(runs(demo)) == 9 * (1 + 1 + 2 * 1)  # 8 attacks + a clean model
     paper = validate_config(PAPER)
     assert paper["mitigation"]["seeds"] == 10 and paper["ratios"] == [0.01, 0.05, 0.1]
     assert set(paper["defenses"]) >= {"ft", "clp", "none"}
@@ -59,10 +59,14 @@ BAD = {
     "unknown defense": (changed(defenses={"fine-tune": {}}), "defenses: unknown defense 'fine-tune'"),
     "unknown architecture": (changed(architectures=["resnet9000"]), "architectures: unknown architecture"),
     "unknown dataset source": (changed(datasets={"d": {"source": "mnist"}}), "datasets.d.source: unknown"),
-    "unimplemented attack": (changed(attacks={"wanet": {}}), "attacks: attack 'wanet' is not implemented yet"),
+    "bad attack hyperparameter value": (changed(attacks={"sig": {"delta": -4}}), "attacks.sig: delta and frequency"),
+    "missing blended image": (changed(attacks={"blended": {"image": "/nowhere/key.png"}}),
+                              "attacks.blended: image: no such file: /nowhere/key.png"),
+    "attack hyperparameter of another attack": (changed(attacks={"wanet": {"alpha": 0.1}}),
+                                                "attacks.wanet has no hyperparameter 'alpha'; it has: k, s,"),
     "unimplemented defense": (changed(defenses={"anp": {}}), "defenses: defense 'anp' is not implemented yet"),
     "unimplemented architecture": (changed(architectures=["vgg19_bn"]), "architecture 'vgg19_bn' is not impl"),
-    "only unimplemented, skipped": (changed(attacks={"sig": {}}, skip_unimplemented=True), "attacks: none of"),
+    "only unimplemented, skipped": (changed(defenses={"anp": {}}, skip_unimplemented=True), "defenses: none of"),
     "ratio zero": (changed(ratios=[0]), "ratios[0]: 0 is less than or equal to the minimum of 0"),
     "ratio above one": (changed(ratios=[1.5]), "ratios[0]: 1.5 is greater than the maximum of 1"),
     "ratio negative": (changed(ratios=[-0.1]), "ratios[0]"),
@@ -118,8 +122,8 @@ def test_the_catalogue_is_large():
 
 
 def test_skip_unimplemented_leaves_out_only_planned_methods():
-    config = validate_config(changed(attacks={"badnets": {}, "wanet": {}}, skip_unimplemented=True))
-    assert list(config["attacks"]) == ["badnets"]
+    config = validate_config(changed(defenses={"ft": {}, "anp": {}}, skip_unimplemented=True))
+    assert list(config["defenses"]) == ["ft"]
     with pytest.raises(ConfigError, match="unknown attack 'nope'"):
         validate_config(changed(attacks={"badnets": {}, "nope": {}}, skip_unimplemented=True))
 

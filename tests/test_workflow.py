@@ -30,6 +30,7 @@ def demo(tmp_path_factory):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["training"]["epochs"] = 6
     config["defenses"]["ft"]["epochs"] = 3
+    config["attacks"]["iab"]["mask_epochs"] = 1
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir)
     return workdir
@@ -38,12 +39,15 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_produces_the_table_and_both_figures(demo):
     table = pd.read_parquet(demo / "results" / "table" / "runs.parquet")
-    # 2 models x (none + CLP + FT x 2 SPC x 2 seeds)
-    assert len(table) == 12 and (table["status"] == "ok").all()
-    assert sorted(table["defense"].value_counts().items()) == [("clp", 2), ("ft", 8), ("none", 2)]
-    assert set(table["ratio"]) == {0.05, 0.1} and set(table["spc"].dropna()) == {2, 10}
+    # 8 backdoored models + 1 clean model, each x (none + CLP + FT x 2 SPC x 1 seed)
+    assert len(table) == 9 * 4 and (table["status"] == "ok").all()
+    assert sorted(table["defense"].value_counts().items()) == [("clp", 9), ("ft", 18), ("none", 9)]
+    assert set(table["attack"]) == {"badnets", "blended", "sig", "lf", "ssba", "iab", "wanet", "bpp", "clean"}
+    assert set(table["ratio"]) == {0.0, 0.1} and set(table["spc"].dropna()) == {2, 10}
+    clean = table[table["attack"] == "clean"]
+    assert clean["pre_asr"].isna().all() and clean["post_asr"].isna().all() and clean["post_acc"].notna().all()
     assert {"pre_acc", "post_asr", "arr", "rdr", "wall_time_s", "hyperparameter_hash"} <= set(table.columns)
-    assert table["pre_acc"].min() > 0.8  # a real model on real digits
+    assert clean["pre_acc"].min() > 0.9 and table["pre_acc"].median() > 0.8  # real models on real digits
     for figure in ("fig6_boxplots", "fig7_medians"):
         for ext in ("png", "pdf"):
             assert (demo / "results" / "figures" / f"{figure}.{ext}").stat().st_size > 1000
@@ -65,7 +69,7 @@ def test_deleting_one_run_file_reruns_exactly_that_run(demo):
     snakemake(demo)
     assert victim.exists()
     assert {path: path.stat().st_mtime_ns for path in before} == before
-    assert len(pd.read_parquet(demo / "results" / "table" / "runs.parquet")) == 12
+    assert len(pd.read_parquet(demo / "results" / "table" / "runs.parquet")) == 9 * 4
 
 
 def plan(*args):
@@ -79,9 +83,12 @@ def test_the_paper_preset_plans_the_implemented_methods():
     assert result.returncode == 0, result.stderr
     output = " ".join((result.stdout + result.stderr).split())
     assert "not implemented yet, left out of the grid" in output and "defenses.fp" in output
-    # 3 datasets x 1 implemented architecture x 1 implemented attack x 3 ratios = 9 models;
-    # runs: none + CLP once each, FT for 3 SPC x 10 seeds.
-    assert "train_model 9" in output and f"defend {9 * (2 + 30)}" in output
+    # 3 datasets x 1 implemented architecture x (8 attacks x 3 ratios + 1 clean model) = 75 models:
+    # 5 data-poisoning attacks x 3 ratios + clean = 16 per dataset, 3 training-time attacks x 3 ratios.
+    # Runs: none + CLP once each, FT for 3 SPC x 10 seeds.
+    assert "train_model 48" in output and "train_model_poisoned_in_the_loop 27" in output
+    assert f"defend {75 * (2 + 30)}" in output
+    assert "attack_resource 15" in output  # 4 shared per dataset + LF per (dataset, architecture)
 
 
 def test_an_unimplemented_method_is_refused_before_any_job(tmp_path):
