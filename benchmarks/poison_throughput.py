@@ -6,7 +6,9 @@ the same bytes. Reports images per second for both and their ratio (SPEC target:
 
 The reference for BadNets pastes the patch with PIL; for the additive and blending attacks it
 converts each image to PIL and back and applies the same formula to that one image; for SSBA it
-runs the encoder on one image at a time. Outputs are compared byte for byte before timing counts.
+runs the encoder on one image at a time. Outputs are compared byte for byte before timing counts,
+except SSBA's: a convolution's float result depends on the batch size it runs in, so a per-image
+encoder can round a few pixels to the neighbouring value (at most 1 level; the share is reported).
 """
 
 from __future__ import annotations
@@ -77,15 +79,20 @@ REFERENCES = {
     "lf": formula_per_image(lambda x, r, p: x + np.rint(r["perturbation"])),
     "ssba": reference_ssba,
 }
+TOLERANCE = {"ssba": 1}  # pixel levels (see the module docstring)
 # Cheap resources: throughput does not depend on how well a learned trigger was trained.
 RESOURCE_OVERRIDES = {"lf": {"steps": 2, "batch_size": 8, "images": 64}, "ssba": {"steps": 2, "train_images": 64,
                                                                                    "eval_images": 8}}
 
 
-def timed(function, *args) -> tuple[np.ndarray, float]:
-    started = time.perf_counter()
-    out = function(*args)
-    return out, time.perf_counter() - started
+def timed(function, *args, repeat: int = 3) -> tuple[np.ndarray, float]:
+    """The output and the best of ``repeat`` wall times (the first call also pays page faults)."""
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = function(*args)
+        best = min(best, time.perf_counter() - started)
+    return out, best
 
 
 def main(argv=None):
@@ -109,16 +116,17 @@ def main(argv=None):
         resource = attack.make_resource(context, params)
         ours, ours_seconds = timed(attack.apply_trigger, images, resource, params)
         count = min(args.reference_images, args.images) // (10 if name == "ssba" else 1)
-        reference, reference_seconds = timed(REFERENCES[name], images[:count], resource, params)
-        if not np.array_equal(reference, ours[:count]):
-            raise SystemExit(f"{name}: the reference does not produce the same bytes")
+        reference, reference_seconds = timed(REFERENCES[name], images[:count], resource, params, repeat=2)
+        difference = np.abs(reference.astype(np.int16) - ours[:count])
+        if difference.max() > TOLERANCE.get(name, 0):
+            raise SystemExit(f"{name}: the reference differs by up to {difference.max()} levels")
         ours_rate, reference_rate = args.images / ours_seconds, count / reference_seconds
         rows.append({"attack": name, "ours_images_per_s": ours_rate, "reference_images_per_s": reference_rate,
-                     "speedup": ours_rate / reference_rate})
-    print(f"{'attack':8} {'ours img/s':>12} {'per-image PIL img/s':>20} {'ratio':>8}")
+                     "speedup": ours_rate / reference_rate, "differing_bytes": float((difference > 0).mean())})
+    print(f"{'attack':8} {'ours img/s':>12} {'per-image PIL img/s':>20} {'ratio':>8} {'bytes differing':>16}")
     for row in rows:
         print(f"{row['attack']:8} {row['ours_images_per_s']:12.0f} {row['reference_images_per_s']:20.0f} "
-              f"{row['speedup']:7.1f}x")
+              f"{row['speedup']:7.1f}x {row['differing_bytes']:16.2e}")
     if args.out:
         Path(args.out).write_text(json.dumps({"images": args.images, "size": args.size, "rows": rows}, indent=2))
 

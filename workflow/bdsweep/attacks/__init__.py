@@ -170,7 +170,7 @@ def apply_in_batches(images: np.ndarray, function: Callable[[torch.Tensor], torc
     return out
 
 
-CHUNK = 256  # images per step of a whole-array trigger: intermediates stay in cache and memory stays bounded
+CHUNK = 64  # images per step of a whole-array trigger: intermediates stay in cache and memory stays bounded
 
 
 def in_chunks(images: np.ndarray, function: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:

@@ -47,9 +47,10 @@ def blend(images: np.ndarray, resource: Resource, params: BlendedParams) -> np.n
     """rint((1 - alpha) x + alpha p), in chunks of whole images."""
     pattern = resource["pattern"]
     fraction = Fraction(params.alpha).limit_denominator(255)
-    if fraction == Fraction(params.alpha) and fraction.denominator % 2:
-        # alpha = m / n with n odd (0.2 = 1/5): ((n - m) x + m p) / n is never halfway between two
-        # integers, so integer floor((... + n // 2) / n) is exactly the rounded formula, and fast.
+    if float(fraction) == params.alpha and fraction.denominator % 2:
+        # alpha = m / n with n odd (0.2 = 1/5): ((n - m) x + m p) / n is a multiple of 1 / n, never
+        # within 1 / (2n) of a half, so integer floor((... + n // 2) / n) equals the float formula
+        # rounded, and is several times faster.
         m, n = fraction.numerator, fraction.denominator
         offset = (m * pattern.astype(np.uint16) + n // 2)[None]
         return in_chunks(images, lambda x: ((np.uint16(n - m) * x.astype(np.uint16) + offset) // n).astype(np.uint8))
