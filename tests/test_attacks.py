@@ -126,7 +126,7 @@ def hook_context(ratio=0.25, size=16, count=64, pool=()):
     images = torch.from_numpy(RNG.integers(0, 256, size=(count, size, size, 3), dtype=np.uint8))
     poisonable = torch.ones(count, dtype=torch.bool)
     poisonable[list(pool)] = False
-    return HookContext(images, torch.arange(count) % 4, poisonable, NORMALISATION, 4, size, 0, ratio, 32, 0)
+    return HookContext(images, torch.arange(count) % 4, poisonable, NORMALISATION, 4, size, 0, ratio, 0)
 
 
 def make_hook(name, context, **overrides):

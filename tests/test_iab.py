@@ -52,7 +52,7 @@ def hook_context(digits, ratio: float, seed: int = 0) -> HookContext:
     poisonable = torch.ones(len(digits["y"]), dtype=torch.bool)
     poisonable[:POOL] = False
     return HookContext(digits["x"], digits["y"], poisonable, NORMALISATION, num_classes=10, image_size=16,
-                       target=TARGET, ratio=ratio, batch_size=64, seed=seed, progress=False)
+                       target=TARGET, ratio=ratio, seed=seed, progress=False)
 
 
 def make_hook(context: HookContext, **overrides):

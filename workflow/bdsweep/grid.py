@@ -6,6 +6,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
+from . import attacks
 from .config import applies_to, method_params
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, mitigation_token, ratio_token
 from .registry import ATTACKS, DEFENSES
@@ -34,9 +35,8 @@ def models(config: dict) -> list[ModelKey]:
 
 
 def is_training_time(attack: str) -> bool:
-    from .attacks import is_training_time as training_time
-
-    return attack != CLEAN and training_time(ATTACKS.get(attack))
+    """Whether the attack poisons inside the training loop (and so has no poison file)."""
+    return attack != CLEAN and attacks.is_training_time(ATTACKS.get(attack))
 
 
 def resource_scope(attack: str, architecture: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import AttackHook, Normalisation
+from ..engine import AttackHook, Normalisation, as_tensor, to_uint8, to_unit
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
@@ -88,7 +88,6 @@ class HookContext:
     image_size: int
     target: int
     ratio: float
-    batch_size: int
     seed: int
     progress: bool | None = None
 
@@ -161,8 +160,6 @@ def is_training_time(attack) -> bool:
 def apply_in_batches(images: np.ndarray, function: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                      batch_size: int = 512) -> np.ndarray:
     """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array."""
-    from ..engine import as_tensor, to_uint8, to_unit
-
     out = np.empty_like(images)
     for start in range(0, len(images), batch_size):
         batch = to_unit(as_tensor(np.asarray(images[start:start + batch_size]), device))
@@ -189,7 +186,7 @@ def add_offset(images: np.ndarray, offset: np.ndarray) -> np.ndarray:
 
 def scaled(size: int, image_size: int, reference: int = 32) -> int:
     """A length defined at 32 px, scaled with the image (at least 1)."""
-    return max(1, round(size * image_size / reference)) if image_size != reference else size
+    return max(1, round(size * image_size / reference))
 
 
 __all__ = ["Resource", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack", "data_poisoning",

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import Resource, ResourceContext, data_poisoning, in_chunks
-
-REFERENCE_SIZE = 32
+from . import Resource, ResourceContext, data_poisoning, in_chunks, scaled
 
 
 @dataclass(frozen=True)
@@ -22,7 +20,7 @@ class BadNetsParams:
 
 def square_patch(context: ResourceContext, params: BadNetsParams) -> Resource:
     image_size = context.image_size
-    side = max(1, round(params.size * image_size / REFERENCE_SIZE))
+    side = scaled(params.size, image_size)
     mask = np.zeros((image_size, image_size), dtype=bool)
     mask[-side:, -side:] = True
     pattern = np.where(mask[..., None], np.uint8(params.value), np.uint8(0)).repeat(3, axis=2)

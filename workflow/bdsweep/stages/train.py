@@ -76,24 +76,23 @@ def main(args):
     data = PreparedDataset(args.data)
     recipe = resolve(Recipe, args.recipe, "training")
     attack = None if args.attack == CLEAN else ATTACKS.get(args.attack)
+    in_the_loop = attack is not None and is_training_time(attack)
     hook = poison = None
-    if attack is None:
+    if in_the_loop and not (args.pool and args.out_backdoor):
+        raise ValueError(f"training-time attack {args.attack!r} needs --pool and --out-backdoor")
+    if attack is None or in_the_loop:
         images, labels = np.array(data.x_train), np.array(data.y_train)
-    elif is_training_time(attack):
-        if not (args.pool and args.out_backdoor):
-            raise ValueError(f"training-time attack {args.attack!r} needs --pool and --out-backdoor")
-        images, labels = np.array(data.x_train), np.array(data.y_train)
-    else:
-        if not args.poison:
-            raise ValueError(f"data-poisoning attack {args.attack!r} needs --poison")
+    elif args.poison:
         poison = load_poison(args.poison)
         images, labels = poisoned_training_set(data, poison)
+    else:
+        raise ValueError(f"data-poisoning attack {args.attack!r} needs --poison")
     images, labels = as_tensor(images, device), as_tensor(labels, device)
-    if attack is not None and is_training_time(attack):
+    if in_the_loop:
         poisonable = torch.ones(len(labels), dtype=torch.bool, device=device)
         poisonable[as_tensor(read_npy(args.pool, "mitigation pool"), device)] = False
         context = HookContext(images, labels, poisonable, normalisation_of(data), data.info.num_classes,
-                              data.info.image_size, args.target, args.ratio, recipe.batch_size, args.seed)
+                              data.info.image_size, args.target, args.ratio, args.seed)
         hook = attack.make_hook(context, resolve(attack.params, args.attack_params, f"attack {args.attack!r}"))
     model = create_model(args.architecture, data.info.num_classes, data.info.image_size).to(device)
 
