@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import augment_batch
+from ..engine import as_tensor, augment_batch, to_uint8, to_unit
 from . import Resource, ResourceContext, apply_in_batches, data_poisoning, scaled, with_meta
 
 ENCODER, DECODER = "encoder.", "decoder."
@@ -161,9 +161,7 @@ def _sample(count: int, params: SSBAParams, seed: int) -> tuple[np.ndarray, np.n
 
 
 def _to_unit(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    from ..engine import as_tensor, to_unit
-
-    return to_unit(as_tensor(np.ascontiguousarray(images), device))
+    return to_unit(as_tensor(images, device))
 
 
 def _psnr(clean: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
@@ -247,8 +245,6 @@ def _evaluate(encoder: Encoder, decoder: Decoder, clean: np.ndarray, params: SSB
               device: torch.device) -> dict:
     """Held-out PSNR and residual of the trigger (all-ones code) after uint8 rounding, and the
     decoder's bit accuracy on rounded images encoded with random secrets and with the trigger."""
-    from ..engine import to_uint8
-
     clean = np.ascontiguousarray(clean)
     poisoned = apply_in_batches(clean, lambda x: encoder(x, _ones(len(x), params, x.device)), device)
     secrets = np.random.default_rng(seed + 1).integers(0, 2, (len(clean), params.secret_bits)).astype(np.float32)
@@ -256,7 +252,7 @@ def _evaluate(encoder: Encoder, decoder: Decoder, clean: np.ndarray, params: SSB
     for start in range(0, len(clean), 256):
         images = _to_unit(clean[start:start + 256], device)
         batch_secrets = torch.from_numpy(secrets[start:start + 256]).to(device)
-        encoded = _to_unit(to_uint8(encoder(images, batch_secrets)).cpu().numpy(), device)
+        encoded = to_unit(to_uint8(encoder(images, batch_secrets)))  # rounded as a saved image, on the device
         correct += int(((decoder(encoded) > 0).float() == batch_secrets).sum())
         trigger_correct += int((decoder(_to_unit(poisoned[start:start + 256], device)) > 0).sum())
     residual = poisoned.astype(np.int16) - clean.astype(np.int16)
