@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bdsweep.checkpoint import load_model, save_model
-from bdsweep.engine import AttackHook, Normalisation, Recipe, augment_batch, predict, train
+from bdsweep.engine import BatchHook, Normalisation, Recipe, augment_batch, predict, train
 from bdsweep.models import create_model
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)
@@ -85,11 +85,11 @@ def test_the_attack_hook_takes_part_in_every_training_batch():
     model = create_model("small_cnn", 3, 16)
     images = torch.randint(0, 255, (48, 16, 16, 3), dtype=torch.uint8)
 
-    class Relabel(AttackHook):
+    class Relabel(BatchHook):
         def __init__(self):
             self.batches, self.steps, self.epochs, self.seen = [], 0, 0, set()
 
-        def poison(self, x, y, indices):
+        def transform(self, x, y, indices):
             assert x.dtype == torch.float32 and x.shape[1:] == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
             self.batches.append(len(y))
             self.seen.update(indices.tolist())
@@ -117,3 +117,31 @@ def test_normalising_in_inference_mode_first_does_not_break_autograd_later():
     images = torch.rand(1, 3, 4, 4, requires_grad=True)
     normalisation.normalise(images).sum().backward()
     assert torch.allclose(images.grad, 1 / torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1).expand(1, 3, 4, 4))
+
+
+def test_a_defense_hook_sets_the_objective_and_sees_each_backward_pass():
+    """Defenses train through the same loop: ``loss`` replaces the objective (here: only shrink
+    the weights, with Adam) and ``after_backward`` sees the inputs the model saw, once per batch."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 3, 16)
+    images = torch.randint(0, 255, (32, 16, 16, 3), dtype=torch.uint8)
+    norm_before = sum(float(p.norm()) for p in model.parameters())
+
+    class ShrinkWeights(BatchHook):
+        def __init__(self):
+            self.inputs = []
+
+        def loss(self, inputs, labels, logits, cross_entropy):
+            return 0.0 * cross_entropy + sum(p.square().sum() for p in model.parameters())
+
+        def after_backward(self, inputs, labels):
+            assert all(p.grad is not None for p in model.parameters())
+            self.inputs.append(inputs.shape)
+
+    hook = ShrinkWeights()
+    train(model, images, torch.arange(32) % 3, Recipe(epochs=2, batch_size=16, lr=0.01, optimizer="adam"),
+          NORMALISATION, seed=0, hook=hook)
+    assert hook.inputs == [(16, 3, 16, 16)] * 4
+    assert sum(float(p.norm()) for p in model.parameters()) < 0.9 * norm_before
+    with pytest.raises(ValueError, match="optimizer"):
+        Recipe(optimizer="rmsprop")

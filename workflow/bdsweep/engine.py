@@ -28,11 +28,12 @@ from .resume import (
 )
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """An SGD training recipe; the defaults are the survey's backdoored-model recipe."""
+    """A training recipe; the defaults are the survey's backdoored-model recipe."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -42,10 +43,16 @@ class Recipe:
     schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (momentum unused)
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be at least 1 and lr positive")
 
@@ -121,19 +128,31 @@ def augment_batch(batch: torch.Tensor, padding: int, hflip: bool, generator: tor
     return batch
 
 
-class AttackHook:
-    """How a training-time attack takes part in training; the engine's loop stays the attack's.
+class BatchHook:
+    """How a party other than plain cross-entropy takes part in each training batch: a
+    training-time attack (poisons the batch) or a defense (adversarial examples, a regulariser,
+    a two-pass optimiser step). The engine's loop stays the one loop; a hook only adds to it.
 
-    Each batch is shuffled, then turned into float NCHW images in [0, 1], then handed to
-    ``poison``, then augmented and normalised: triggers are applied before augmentation, as the
-    training-time attacks' own code does. ``poison`` may return an extra loss term (IAB's
-    diversity loss); ``step`` runs after the classifier's optimiser step (IAB's generator step).
+    Per batch: the shuffled batch becomes float NCHW images in [0, 1] and goes to ``transform``
+    (triggers and adversarial examples are made before augmentation, as the methods' own code
+    does), then is augmented and normalised; after the forward pass ``loss`` turns the
+    cross-entropy into the objective; after ``backward`` comes ``after_backward`` (e.g. SAM's
+    second pass, which may recompute the gradients), then the optimiser step, then ``step``.
     ``checkpoint_state``/``restore_checkpoint`` carry the hook through a resumed run; by default
     they cover every module, optimiser, scheduler, random generator and number attribute."""
 
-    def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def transform(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(images, labels, extra loss or None) for this batch; ``indices`` index the training set."""
         return images, labels, None
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+             cross_entropy: torch.Tensor) -> torch.Tensor:
+        """The objective to minimise, given the normalised inputs the model saw and its logits."""
+        return cross_entropy
+
+    def after_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        pass
 
     def step(self) -> None:
         pass
@@ -174,11 +193,13 @@ class TrainingLoop:
     optimiser, schedule, random generators, the position inside the epoch and the curve so far."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, seed: int, device: torch.device,
-                 hook: AttackHook | None):
+                 hook: BatchHook | None):
         self.model, self.hook = model, hook
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                         weight_decay=recipe.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimiser = (
+            torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.optimizer == "adam"
+            else torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, recipe.epochs)
                           if recipe.schedule == "cosine" else None)
         self.epoch, self.batch, self.order = 0, 0, None
@@ -224,14 +245,14 @@ def train(
     normalisation: Normalisation,
     seed: int,
     description: str = "train",
-    hook: AttackHook | None = None,
+    hook: BatchHook | None = None,
     progress: bool | None = None,
     options: EngineOptions = EngineOptions(),
     checkpoint: Checkpoint | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 NHWC ``images`` (already on the model's device).
 
-    ``hook`` is a training-time attack's part in each batch (see :class:`AttackHook`). With a
+    ``hook`` is an attack's or a defense's part in each batch (see :class:`BatchHook`). With a
     ``checkpoint``, training resumes from it when it holds this job's state, saves it every
     ``options.checkpoint_every`` epochs and at the end, and on SIGTERM saves it after the current
     batch and raises :class:`Preempted`. Returns the per-epoch curve (loss, accuracy, learning
@@ -259,17 +280,21 @@ def train(
                 x, y, extra_loss = images[index].permute(0, 3, 1, 2), labels[index], None
                 with autocast(device):
                     if hook is not None:  # poison first, then augment the float batch
-                        x, y, extra_loss = hook.poison(x.float().div_(255.0), y, index)
+                        x, y, extra_loss = hook.transform(x.float().div_(255.0), y, index)
                     if recipe.augment:
                         x = augment_batch(x, recipe.crop_padding, normalisation.hflip, loop.generator)
                     if hook is None:  # augmenting uint8 is cheaper; convert afterwards
                         x = x.float().div_(255.0)
                     x = normalisation.normalise(x)
                     logits = forward(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-                    loss = F.cross_entropy(logits, y)
-                    objective = loss if extra_loss is None else loss + extra_loss
+                    loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+                    objective = loss if hook is None else hook.loss(x, y, logits, loss)
+                    if extra_loss is not None:
+                        objective = objective + extra_loss
                 loop.optimiser.zero_grad(set_to_none=True)
                 objective.backward()
+                if hook is not None:
+                    hook.after_backward(x, y)
                 loop.optimiser.step()
                 if hook is not None:
                     hook.step()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import AttackHook, Normalisation, as_tensor, to_uint8, to_unit
+from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
@@ -96,11 +96,12 @@ class HookContext:
         return self.images.device
 
 
-class TrainingHook(AttackHook):
+class TrainingHook(BatchHook):
     """A training-time attack's state during and after training.
 
-    Subclasses implement ``poison`` (see :class:`bdsweep.engine.AttackHook`) and ``trigger``; they
-    count what they poison through :meth:`split` so the effective ratio is measured, not assumed."""
+    Subclasses implement ``poison`` (what the engine calls as :meth:`BatchHook.transform`) and
+    ``trigger``; they count what they poison through :meth:`split` so the effective ratio is
+    measured, not assumed."""
 
     def __init__(self, context: HookContext):
         self.context = context
@@ -125,6 +126,13 @@ class TrainingHook(AttackHook):
     @property
     def effective_ratio(self) -> float:
         return self.poisoned / self.seen if self.seen else 0.0
+
+    def transform(self, images, labels, indices):
+        return self.poison(images, labels, indices)
+
+    def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
 
     def trigger(self, images: torch.Tensor) -> torch.Tensor:
         """The backdoor trigger on float NCHW images in [0, 1] (no gradient); for the test set."""
