@@ -62,6 +62,35 @@ def test_unreadable_or_foreign_run_files_are_reported_by_path(tmp_path):
     assert not (tmp_path / "t.parquet").exists()
 
 
+def test_aggregation_rereads_only_new_or_changed_run_files(tmp_path):
+    paths = write_runs(tmp_path, [record(seed=s) for s in range(3)])
+    cache, log = tmp_path / "cache.parquet", tmp_path / "log"
+    first = aggregate(paths, tmp_path / "t.parquet", log, cache)
+    assert "(0 reused from the cache, 3 read)" in log.read_text()
+    paths[1].write_text(json.dumps(record(seed=1, post_asr=0.7)) + " ")  # changed: another size
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(record(seed=9)))
+    second = aggregate([new, *paths], tmp_path / "t.parquet", log, cache)
+    assert "(2 reused from the cache, 2 read)" in log.read_text()
+    assert second["seed"].tolist() == [9, 0, 1, 2] and second["post_asr"].tolist() == [0.1, 0.1, 0.7, 0.1]
+    assert set(second.columns) == set(first.columns) == COLUMNS
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), second)
+
+
+def test_an_unreadable_run_file_keeps_the_rest_cached(tmp_path):
+    paths = write_runs(tmp_path, [record(seed=s) for s in range(3)])
+    cache, log = tmp_path / "cache.parquet", tmp_path / "log"
+    paths[2].write_text("{torn")
+    with pytest.raises(UnreadableRunFiles, match="run2.json"):
+        aggregate(paths, tmp_path / "t.parquet", log, cache)
+    paths[2].write_text(json.dumps(record(seed=2)))
+    assert len(aggregate(paths, tmp_path / "t.parquet", log, cache)) == 3
+    assert "(2 reused from the cache, 1 read)" in log.read_text()
+    cache.write_bytes(b"not parquet")  # a damaged cache is rebuilt, not trusted
+    assert len(aggregate(paths, tmp_path / "t.parquet", log, cache)) == 3
+    assert "(0 reused from the cache, 3 read)" in log.read_text()
+
+
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_every_figure_draws_png_and_pdf_from_the_table(tmp_path, name):
     rng = np.random.default_rng(0)

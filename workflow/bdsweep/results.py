@@ -50,6 +50,14 @@ def table_row(record: dict, path: str) -> dict:
 
 
 def read_runs(paths: list[str | os.PathLike]) -> pd.DataFrame:
+    """The table of exactly ``paths``, in order; unreadable files are reported, never dropped."""
+    rows, problems = _read_rows([str(p) for p in paths])
+    if problems:
+        raise UnreadableRunFiles(problems)
+    return _typed(pd.DataFrame(rows))
+
+
+def _read_rows(paths: list[str]) -> tuple[list[dict], list[str]]:
     rows, problems = [], []
     for path in paths:
         try:
@@ -60,9 +68,10 @@ def read_runs(paths: list[str | os.PathLike]) -> pd.DataFrame:
             rows.append(table_row(record, path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             problems.append(f"{path}: {error}")
-    if problems:
-        raise UnreadableRunFiles(problems)
-    table = pd.DataFrame(rows)
+    return rows, problems
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
     for column in ("spc", "seed"):
         if column in table:
             table[column] = table[column].astype("Int64")
@@ -74,11 +83,55 @@ def write_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
         table.to_parquet(tmp, engine="pyarrow", index=False)
 
 
-def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str | os.PathLike | None = None):
-    """Build the table from exactly ``paths``; unreadable files are reported, never dropped."""
-    table = read_runs(paths)
+def _file_stamps(paths: list[str]) -> pd.DataFrame:
+    """Size and modification time of each run file: a row read earlier is reused while both match."""
+    stamps = [os.stat(path) for path in paths]
+    return pd.DataFrame({"path": paths, "file_size": [s.st_size for s in stamps],
+                         "file_mtime_ns": [s.st_mtime_ns for s in stamps]})
+
+
+def _load_cache(cache: Path) -> pd.DataFrame | None:
+    try:
+        cached = pd.read_parquet(cache)
+    except (OSError, ValueError):  # absent, or torn by a crash of an older writer: rebuild
+        return None
+    if "schema_version" not in cached or not (cached["schema_version"] == SCHEMA_VERSION).all():
+        return None
+    return cached
+
+
+def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str | os.PathLike | None = None,
+              cache: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Build the table from exactly ``paths`` (in their order); unreadable files are reported by
+    path, never dropped. With ``cache``, rows of run files unchanged since the last aggregation
+    (same path, size and modification time) are reused and only new or changed files are read;
+    the cache is updated even when some files are unreadable, so their repair costs one reread."""
+    paths = [str(p) for p in paths]
+    stamps = _file_stamps(paths) if cache is not None else None
+    cached = _load_cache(Path(cache)) if cache is not None else None
+    if cached is not None:
+        reusable = stamps.merge(cached, on=["path", "file_size", "file_mtime_ns"], how="inner")
+        known = set(reusable["path"])
+        fresh_paths = [p for p in paths if p not in known]
+    else:
+        reusable, fresh_paths = None, paths
+    rows, problems = _read_rows(fresh_paths)
+    fresh = pd.DataFrame(rows)
+    if stamps is not None and not fresh.empty:
+        fresh = fresh.merge(stamps, on="path", how="left")
+    parts = [part for part in (reusable, fresh) if part is not None and not part.empty]
+    table = _typed(pd.concat(parts, ignore_index=True) if parts else pd.DataFrame())
+    if cache is not None and not table.empty:
+        write_table(table, cache)
+    if problems:
+        raise UnreadableRunFiles(problems)
+    position = pd.Series(range(len(paths)), index=paths)
+    table = table.iloc[position[table["path"]].to_numpy().argsort(kind="stable")].reset_index(drop=True)
+    table = table.drop(columns=["file_size", "file_mtime_ns"], errors="ignore")
     write_table(table, Path(out))
     if log is not None:
         failures = table.loc[table["status"] != "ok", "defense"].value_counts().to_dict()
-        Path(log).write_text(f"{len(table)} runs; failed per defense: {failures or 'none'}\n")
+        reused = 0 if reusable is None else len(reusable)
+        Path(log).write_text(f"{len(table)} runs ({reused} reused from the cache, {len(fresh_paths)} read); "
+                             f"failed per defense: {failures or 'none'}\n")
     return table

@@ -1,5 +1,6 @@
 # Stage 7: one Parquet table, one row per run. In-process: it needs no GPU, and the list of
-# run files would not fit on a command line at the full grid's size.
+# run files would not fit on a command line at the full grid's size. The cache (outside the
+# rule's outputs, which Snakemake deletes before a rerun) lets a rerun read only changed files.
 from bdsweep.results import aggregate
 
 
@@ -15,4 +16,4 @@ rule aggregate_runs:
     log:
         os.path.join(LOGS, "aggregate.log"),
     run:
-        aggregate(input, output[0], log[0])
+        aggregate(input, output[0], log[0], cache=os.path.join(RESULTS, ".cache", "runs.parquet"))
