@@ -1,12 +1,18 @@
 """Figures of the survey's section VI, drawn from the results table only (never a model).
 
-Each figure is a function registered in ``FIGURES`` under the name of its file target.
+Each figure is registered in ``FIGURES`` under the name of its file target, with its caption.
+``code_digest(name)`` fingerprints the code that draws one figure, so the workflow redraws only
+the figures whose code changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -17,24 +23,65 @@ import seaborn as sns  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
+from .layout import CLEAN  # noqa: E402
 
-FIGURES: dict[str, Callable[[pd.DataFrame], plt.Figure]] = {}
 FAMILY_MARK = {"pruning": "\u2020", "fine-tuning": "\u2666", "none": ""}  # the paper's dagger / diamond
 FAMILY_ORDER = {"none": 0, "pruning": 1, "fine-tuning": 2}
 BASELINES = {"fp": ("pruning baseline (FP)", "tab:blue", "--"), "ft": ("fine-tuning baseline (FT)", "tab:red", ":")}
 PANELS = (("post_asr", "ASR"), ("rdr", "RDR"), ("arr", "ARR"))
+# The approaches section VI-C discusses (the best of each family); the supplementary figures show all.
+SELECTED = ("bnp", "clp", "anp", "npd", "ft-sam", "nad", "pbe", "sau")
+# Table III: an attack is static when every backdoor image carries the same trigger.
+DYNAMIC_ATTACKS = frozenset({"ssba", "iab", "bpp", "wanet"})
 
 
-def figure(name: str):
+@dataclass(frozen=True)
+class Figure:
+    draw: Callable[..., plt.Figure]  # draw(table, **options)
+    caption: str
+    options: dict = field(default_factory=dict)
+
+
+FIGURES: dict[str, Figure] = {}
+
+
+def figure(name: str, caption: str | None = None, **options):
+    """Register ``draw(table, **options)`` as the figure ``name``; the caption defaults to its docstring."""
+
     def decorate(draw):
-        FIGURES[name] = draw
+        FIGURES[name] = Figure(draw, caption or inspect.getdoc(draw), options)
         return draw
 
     return decorate
 
 
+def drawing_functions(name: str) -> dict[str, Callable]:
+    """The figure's drawing function and every function of this module it calls, transitively."""
+    module = sys.modules[__name__]
+    found, pending = {}, [FIGURES[name].draw]
+    while pending:
+        function = pending.pop()
+        if function.__name__ in found:
+            continue
+        found[function.__name__] = function
+        codes = [function.__code__, *(c for c in function.__code__.co_consts if inspect.iscode(c))]
+        pending += [obj for code in codes for n in code.co_names
+                    if inspect.isfunction(obj := getattr(module, n, None)) and obj.__module__ == __name__]
+    return found
+
+
+def code_digest(name: str) -> str:
+    """A digest of the figure's code (its functions' source), options and caption: it changes
+    exactly when that figure's drawing could, so only that figure is redrawn."""
+    spec = FIGURES[name]
+    sources = [inspect.getsource(f) for _, f in sorted(drawing_functions(name).items())]
+    text = "\n".join(sources) + repr(sorted(spec.options.items())) + spec.caption
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def successful_runs(table: pd.DataFrame) -> pd.DataFrame:
-    ok = table[table["status"] == "ok"].copy()
+    """Successful runs on backdoored models (clean models have no ASR to plot), with a label."""
+    ok = table[(table["status"] == "ok") & (table["attack"] != CLEAN)].copy()
     if ok.empty:
         raise ValueError("the results table has no successful runs to plot")
     ok["label"] = [("no defense" if d == "none" else d.upper()) + FAMILY_MARK.get(f, "")
@@ -51,7 +98,8 @@ def defense_order(runs: pd.DataFrame) -> list[str]:
 
 @figure("fig6_boxplots")
 def boxplots(table: pd.DataFrame) -> plt.Figure:
-    """Fig. 6: distribution of ASR, RDR and ARR per defense over every setting."""
+    """Fig. 6: box plots of ASR, RDR and ARR per defense over every setting (\u2020 pruning,
+    \u2666 fine-tuning; 0 is ideal for all three)."""
     runs = successful_runs(table)
     order = defense_order(runs)
     fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(6, 0.7 * len(order) + 2), 8), sharex=True)
@@ -72,34 +120,150 @@ def boxplots(table: pd.DataFrame) -> plt.Figure:
 def medians(table: pd.DataFrame) -> plt.Figure:
     """Fig. 7: median RDR and ARR against median ASR per defense, with the rectangle from the
     origin to each baseline's medians: a defense inside it beats that baseline on both axes."""
-    runs = successful_runs(table)
-    summary = runs.groupby(["defense", "label", "family"], as_index=False)[["post_asr", "rdr", "arr"]].median()
+    summary = median_summary(successful_runs(table))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, (column, title) in zip(axes, PANELS[1:]):
-        sns.scatterplot(data=summary, x="post_asr", y=column, hue="family", style="family", s=70, ax=ax)
-        for row in summary.itertuples():
-            ax.annotate(row.label, (row.post_asr, getattr(row, column)), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        for defense, (name, colour, style) in BASELINES.items():
-            base = summary[summary["defense"] == defense]
-            if len(base):
-                ax.add_patch(Rectangle((0, 0), base["post_asr"].iloc[0], base[column].iloc[0], fill=False,
-                                       edgecolor=colour, linestyle=style, label=name))
-        ax.set_xlabel("median ASR")
-        ax.set_ylabel(f"median {title}")
-        ax.set_xlim(-0.02, 1.1)  # ASR is a fraction; the margin keeps labels of points at 1 visible
-        top = max(summary[column].max(), 0) * 1.15 or 0.1
-        ax.set_ylim(min(0, summary[column].min() * 1.15) - 0.02 * top, top)
-        ax.legend(fontsize="small", loc="upper left")
+        median_scatter(ax, summary, column, title)
     fig.suptitle("Median RDR and ARR vs median ASR per defense (bottom-left is ideal)")
     fig.tight_layout()
     return fig
 
 
+@figure("fig8_spc_boxplots")
+def spc_boxplots(table: pd.DataFrame) -> plt.Figure:
+    """Fig. 8: box plots of ASR, RDR and ARR per defense and SPC (mitigation images per class);
+    defenses that use no data (CLP, no defense) are left out."""
+    runs = successful_runs(table)
+    runs = runs[runs["spc"].notna()].astype({"spc": int})
+    order = defense_order(runs)
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(6, 0.9 * len(order) + 2), 8), sharex=True)
+    for ax, (column, title) in zip(axes, PANELS):
+        sns.boxplot(data=runs, x="label", y=column, order=order, hue="spc", ax=ax, palette="crest", fliersize=1,
+                    legend=ax is axes[0])
+        ax.set(ylabel=title, xlabel="")
+        ax.axhline(0, color="grey", lw=0.6)
+    axes[0].legend(title="SPC", fontsize="small", ncols=3)
+    axes[-1].set_xlabel("defense (\u2020 pruning, \u2666 fine-tuning)")
+    fig.suptitle("ASR, RDR and ARR per defense and SPC")
+    fig.tight_layout()
+    return fig
+
+
+@figure("fig9_spc_medians")
+def spc_medians(table: pd.DataFrame) -> plt.Figure:
+    """Fig. 9: median RDR and ARR against median ASR per defense, one column per SPC, with the
+    FP and FT baseline rectangles of that SPC; defenses that use no data are left out."""
+    runs = successful_runs(table)
+    runs = runs[runs["spc"].notna()].astype({"spc": int})
+    levels = sorted(runs["spc"].unique())
+    fig, axes = plt.subplots(2, len(levels), figsize=(5.5 * len(levels), 9), squeeze=False)
+    for index, spc in enumerate(levels):
+        summary = median_summary(runs[runs["spc"] == spc])
+        for row, (column, title) in enumerate(PANELS[1:]):
+            median_scatter(axes[row, index], summary, column, title)
+            axes[row, index].set_title(f"SPC {spc}")
+    fig.suptitle("Median RDR and ARR vs median ASR per defense and SPC (bottom-left is ideal)")
+    fig.tight_layout()
+    return fig
+
+
+def median_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs.groupby(["defense", "label", "family"], as_index=False)[["post_asr", "rdr", "arr"]].median()
+
+
+def median_scatter(ax: plt.Axes, summary: pd.DataFrame, column: str, title: str) -> None:
+    """One panel of Figs. 7 and 9: a point per defense and the baselines' rectangles."""
+    sns.scatterplot(data=summary, x="post_asr", y=column, hue="family", style="family", s=70, ax=ax)
+    for row in summary.itertuples():
+        ax.annotate(row.label, (row.post_asr, getattr(row, column)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    for defense, (name, colour, style) in BASELINES.items():
+        base = summary[summary["defense"] == defense]
+        if len(base):
+            ax.add_patch(Rectangle((0, 0), base["post_asr"].iloc[0], base[column].iloc[0], fill=False,
+                                   edgecolor=colour, linestyle=style, label=name))
+    ax.set_xlabel("median ASR")
+    ax.set_ylabel(f"median {title}")
+    ax.set_xlim(-0.02, 1.1)  # ASR is a fraction; the margin keeps labels of points at 1 visible
+    top = max(summary[column].max(), 0) * 1.15 or 0.1
+    ax.set_ylim(min(0, summary[column].min() * 1.15) - 0.02 * top, top)
+    ax.legend(fontsize="small", loc="best")
+
+
+# Facets of Figs. 10-14: (column or derived level, axis label, the paper's order of known levels).
+FACETS = {
+    "attack": ("attack", ("badnets", "blended", "lf", "sig", "bpp", "iab", "ssba", "wanet")),
+    "attack_type": ("attack type", ("static", "dynamic")),
+    "architecture": ("architecture", ("vgg19_bn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large")),
+    "dataset": ("dataset", ("cifar10", "gtsrb", "tiny")),
+    "ratio": ("poisoning ratio (%)", ()),
+}
+FACET_FIGURES = {"attack": 10, "attack_type": 11, "architecture": 12, "dataset": 13, "ratio": 14}
+
+
+def facet_levels(runs: pd.DataFrame, facet: str) -> tuple[pd.Series, list]:
+    """Each run's level of the facet and the levels in the paper's order (unknown ones last)."""
+    if facet == "attack_type":
+        values = runs["attack"].map(lambda attack: "dynamic" if attack in DYNAMIC_ATTACKS else "static")
+    elif facet == "ratio":
+        values = (runs["ratio"].astype(float) * 100).round(2).map(lambda r: f"{r:g}")
+        return values, sorted(values.unique(), key=float)
+    else:
+        values = runs[facet]
+    known = FACETS[facet][1]
+    present = set(values)
+    return values, [v for v in known if v in present] + sorted(present - set(known))
+
+
+def facet_boxplots(table: pd.DataFrame, facet: str, defenses: tuple[str, ...] | None) -> plt.Figure:
+    """A grid of box plots: a row per measure, a column per defense, a box per facet level."""
+    runs = successful_runs(table)
+    if defenses is not None:
+        runs = runs[runs["defense"].isin(defenses)]
+    runs = runs.assign(level=facet_levels(runs, facet)[0]) if len(runs) else runs
+    labels = defense_order(runs) if len(runs) else []
+    name, _ = FACETS[facet]
+    fig, axes = plt.subplots(len(PANELS), max(1, len(labels)), figsize=(2.2 * max(1, len(labels)) + 1.5, 8),
+                             sharey="row", squeeze=False)
+    if not labels:
+        axes[0, 0].text(0.5, 0.5, f"no successful runs of {', '.join(defenses or ())}", ha="center", va="center")
+        return fig
+    levels = facet_levels(runs, facet)[1]
+    colour = dict(zip(FAMILY_ORDER, sns.color_palette("Set2", len(FAMILY_ORDER))))
+    for col, (label, per_defense) in enumerate(sorted(runs.groupby("label"), key=lambda g: labels.index(g[0]))):
+        groups = [per_defense.loc[per_defense["level"] == level] for level in levels]
+        for row, (column, title) in enumerate(PANELS):
+            ax = axes[row, col]
+            boxes = ax.boxplot([g[column].dropna().to_numpy() for g in groups], tick_labels=levels, widths=0.6,
+                               patch_artist=True, flierprops={"markersize": 1.5, "rasterized": True},
+                               medianprops={"color": "black"})
+            for patch in boxes["boxes"]:
+                patch.set_facecolor(colour[per_defense["family"].iloc[0]])
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+            if col == 0:
+                ax.set_ylabel(title)
+        axes[0, col].set_title(label)
+    fig.supxlabel(name)
+    fig.suptitle(f"ASR, RDR and ARR per defense and {name} (\u2020 pruning, \u2666 fine-tuning)")
+    fig.tight_layout()
+    return fig
+
+
+for _facet, _number in FACET_FIGURES.items():
+    _name = FACETS[_facet][0]
+    figure(f"fig{_number}_{_facet}", f"Fig. {_number}: box plots of ASR, RDR and ARR of the defenses the survey "
+           f"discusses ({', '.join(d.upper() for d in SELECTED)}) per {_name}.",
+           facet=_facet, defenses=SELECTED)(facet_boxplots)
+    figure(f"supp{_number}_{_facet}", f"Supplementary Fig. {_number}: box plots of ASR, RDR and ARR of every "
+           f"defense per {_name}.", facet=_facet, defenses=None)(facet_boxplots)
+
+
 def draw(name: str, table: pd.DataFrame, png: str | os.PathLike, pdf: str | os.PathLike) -> None:
     if name not in FIGURES:
         raise KeyError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
-    fig = FIGURES[name](table)
+    spec = FIGURES[name]
+    fig = spec.draw(table, **spec.options)
     try:
         for path, fmt in ((png, "png"), (pdf, "pdf")):
             with atomic_path(path) as tmp:

@@ -1,4 +1,7 @@
 # Stage 8: figures from the results table only, so redrawing never touches a model or a GPU.
+# The `code` param fingerprints each figure's drawing code: editing one plotting function
+# redraws only the figures that use it.
+from bdsweep.figures import code_digest
 
 
 rule figure:
@@ -7,6 +10,8 @@ rule figure:
     output:
         png=FIGURE.replace("{ext}", "png"),
         pdf=FIGURE.replace("{ext}", "pdf"),
+    params:
+        code=lambda wildcards: code_digest(wildcards.figure),
     log:
         os.path.join(LOGS, "figures/{figure}.log"),
     threads: 1

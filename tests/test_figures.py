@@ -1,0 +1,67 @@
+"""Every figure of section VI draws from a results table alone; each redraws only when its code changes."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bdsweep.figures import FIGURES, code_digest, draw, drawing_functions, facet_levels, successful_runs
+
+FAMILIES = {"none": "none", "fp": "pruning", "clp": "pruning", "bnp": "pruning", "sau": "fine-tuning",
+            "ft": "fine-tuning", "ft-sam": "fine-tuning"}
+
+
+def synthetic_table(seed: int = 0) -> pd.DataFrame:
+    """A small grid: 2 datasets x 2 architectures x 3 attacks x 2 ratios, SPC 2/10, 2 seeds, plus clean models."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for dataset, arch, attack, ratio, defense in itertools.product(
+            ("cifar10", "gtsrb"), ("preact_resnet18", "vgg19_bn"), ("badnets", "wanet", "clean"), (0.01, 0.1),
+            FAMILIES):
+        data_free = defense in ("none", "clp")
+        for spc, seed in [(None, None)] if data_free else itertools.product((2, 10), (0, 1)):
+            asr = None if attack == "clean" else float(rng.uniform())
+            rows.append({"dataset": dataset, "architecture": arch, "attack": attack, "ratio": ratio, "target": 0,
+                         "defense": defense, "family": FAMILIES[defense], "spc": spc, "seed": seed,
+                         "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
+                         "status": "failed" if rng.uniform() < 0.05 else "ok"})
+    return pd.DataFrame(rows).astype({"spc": "Int64", "seed": "Int64"})
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_every_figure_is_drawn_as_png_and_pdf(tmp_path, name):
+    draw(name, synthetic_table(), tmp_path / "f.png", tmp_path / "f.pdf")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "f.png").stat().st_size > 10_000
+    assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
+    assert FIGURES[name].caption
+
+
+def test_the_paper_figures_and_their_supplementary_versions_are_all_targets():
+    numbers = {name.split("_")[0] for name in FIGURES}
+    assert numbers == {f"fig{n}" for n in range(6, 15)} | {f"supp{n}" for n in range(10, 15)}
+
+
+def test_facets_order_levels_as_the_paper_and_split_static_from_dynamic_attacks():
+    runs = synthetic_table()
+    types, levels = facet_levels(runs, "attack_type")
+    assert levels == ["static", "dynamic"]
+    assert set(types[runs["attack"] == "wanet"]) == {"dynamic"}
+    assert set(types[runs["attack"] == "badnets"]) == {"static"}
+    assert facet_levels(runs, "ratio")[1] == ["1", "10"]
+    assert facet_levels(runs, "architecture")[1] == ["vgg19_bn", "preact_resnet18"]
+
+
+def test_a_figure_fingerprints_exactly_the_code_it_draws_with():
+    assert {"medians", "median_scatter", "median_summary", "successful_runs"} <= set(drawing_functions("fig7_medians"))
+    assert "facet_boxplots" not in drawing_functions("fig7_medians")
+    assert "median_scatter" not in drawing_functions("fig10_attack")
+    assert code_digest("fig10_attack") != code_digest("supp10_attack")  # same code, other options
+    assert code_digest("fig7_medians") == code_digest("fig7_medians")
+
+
+def test_figures_leave_out_clean_models_and_failed_runs():
+    runs = successful_runs(synthetic_table())
+    assert (runs["status"] == "ok").all() and not (runs["attack"] == "clean").any() and runs["post_asr"].notna().all()
