@@ -45,7 +45,7 @@ def test_the_paper_figures_and_their_supplementary_versions_are_all_targets():
 
 
 def test_facets_order_levels_as_the_paper_and_split_static_from_dynamic_attacks():
-    runs = synthetic_table()
+    runs = successful_runs(synthetic_table())
     types, levels = facet_levels(runs, "attack_type")
     assert levels == ["static", "dynamic"]
     assert set(types[runs["attack"] == "wanet"]) == {"dynamic"}

@@ -24,15 +24,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
 from .layout import CLEAN  # noqa: E402
+from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER  # noqa: E402
 
 FAMILY_MARK = {"pruning": "\u2020", "fine-tuning": "\u2666", "none": ""}  # the paper's dagger / diamond
-FAMILY_ORDER = {"none": 0, "pruning": 1, "fine-tuning": 2}
-BASELINES = {"fp": ("pruning baseline (FP)", "tab:blue", "--"), "ft": ("fine-tuning baseline (FT)", "tab:red", ":")}
+BASELINE_STYLE = {"pruning": ("tab:blue", "--"), "fine-tuning": ("tab:red", ":")}
 PANELS = (("post_asr", "ASR"), ("rdr", "RDR"), ("arr", "ARR"))
 # The approaches section VI-C discusses (the best of each family); the supplementary figures show all.
 SELECTED = ("bnp", "clp", "anp", "npd", "ft-sam", "nad", "pbe", "sau")
-# Table III: an attack is static when every backdoor image carries the same trigger.
-DYNAMIC_ATTACKS = frozenset({"ssba", "iab", "bpp", "wanet"})
 
 
 @dataclass(frozen=True)
@@ -177,11 +175,12 @@ def median_scatter(ax: plt.Axes, summary: pd.DataFrame, column: str, title: str)
     for row in summary.itertuples():
         ax.annotate(row.label, (row.post_asr, getattr(row, column)), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
-    for defense, (name, colour, style) in BASELINES.items():
+    for family, defense in BASELINES.items():
         base = summary[summary["defense"] == defense]
         if len(base):
+            colour, style = BASELINE_STYLE[family]
             ax.add_patch(Rectangle((0, 0), base["post_asr"].iloc[0], base[column].iloc[0], fill=False,
-                                   edgecolor=colour, linestyle=style, label=name))
+                                   edgecolor=colour, linestyle=style, label=f"{family} baseline ({defense.upper()})"))
     ax.set_xlabel("median ASR")
     ax.set_ylabel(f"median {title}")
     ax.set_xlim(-0.02, 1.1)  # ASR is a fraction; the margin keeps labels of points at 1 visible
@@ -204,7 +203,7 @@ FACET_FIGURES = {"attack": 10, "attack_type": 11, "architecture": 12, "dataset":
 def facet_levels(runs: pd.DataFrame, facet: str) -> tuple[pd.Series, list]:
     """Each run's level of the facet and the levels in the paper's order (unknown ones last)."""
     if facet == "attack_type":
-        values = runs["attack"].map(lambda attack: "dynamic" if attack in DYNAMIC_ATTACKS else "static")
+        values = runs["attack"].map(ATTACK_TYPES).fillna("unknown")
     elif facet == "ratio":
         values = (runs["ratio"].astype(float) * 100).round(2).map(lambda r: f"{r:g}")
         return values, sorted(values.unique(), key=float)
