@@ -8,6 +8,9 @@ min_version("9.0")
 include: "workflow/rules/common.smk"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # The run files are targets too: a deleted run file is recomputed (alone), then the table and
 # figures are rebuilt from it.
 rule all:
@@ -15,6 +18,7 @@ rule all:
         RUN_FILES,
         TABLE,
         expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
+        expand(SUMMARY, summary=SUMMARY_NAMES, ext=("csv", "md")),
     default_target: True
 
 

@@ -1,4 +1,5 @@
-"""Every figure of section VI draws from a results table alone; each redraws only when its code changes."""
+"""Every figure of section VI and every summary table draws from a results table alone; a figure
+redraws only when its own code changes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 from bdsweep.figures import FIGURES, code_digest, draw, drawing_functions, facet_levels, successful_runs
+from bdsweep.tables import TABLES, write
 
 FAMILIES = {"none": "none", "fp": "pruning", "clp": "pruning", "bnp": "pruning", "sau": "fine-tuning",
             "ft": "fine-tuning", "ft-sam": "fine-tuning"}
@@ -27,6 +29,7 @@ def synthetic_table(seed: int = 0) -> pd.DataFrame:
             rows.append({"dataset": dataset, "architecture": arch, "attack": attack, "ratio": ratio, "target": 0,
                          "defense": defense, "family": FAMILIES[defense], "spc": spc, "seed": seed,
                          "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
+                         "pre_acc": 0.9, "post_acc": float(rng.uniform(0.5, 0.9)),
                          "status": "failed" if rng.uniform() < 0.05 else "ok"})
     return pd.DataFrame(rows).astype({"spc": "Int64", "seed": "Int64"})
 
@@ -65,3 +68,12 @@ def test_a_figure_fingerprints_exactly_the_code_it_draws_with():
 def test_figures_leave_out_clean_models_and_failed_runs():
     runs = successful_runs(synthetic_table())
     assert (runs["status"] == "ok").all() and not (runs["attack"] == "clean").any() and runs["post_asr"].notna().all()
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_summary_table_is_written_as_csv_and_markdown(tmp_path, name):
+    frame = write(name, synthetic_table(), tmp_path / "t.csv", tmp_path / "t.md")
+    assert len(frame) > 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), frame.reset_index(drop=True), check_dtype=False)
+    markdown = (tmp_path / "t.md").read_text().splitlines()
+    assert markdown[0] == TABLES[name].caption and markdown[2].startswith("| ") and len(markdown) == len(frame) + 4

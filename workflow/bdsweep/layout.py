@@ -17,6 +17,7 @@ MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR = (
 RUN = "{results}/runs/{dataset}/{architecture}/{attack}/{ratio}/{defense}/{mitigation}.json"
 TABLE = "{results}/table/runs.parquet"
 FIGURE = "{results}/figures/{figure}.{ext}"
+SUMMARY = "{results}/tables/{summary}.{ext}"
 
 SHARED_SCOPE = "all"
 CLEAN, CLEAN_RATIO = "clean", "0"  # the attack and ratio tokens of a dataset's clean (unpoisoned) models

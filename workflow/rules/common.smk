@@ -14,6 +14,7 @@ shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 from bdsweep import grid, layout  # noqa: E402
 from bdsweep.config import ConfigError, unimplemented, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
+from bdsweep.tables import TABLES  # noqa: E402
 
 # Without --configfile: config.yaml of the working directory, else the workflow's own (the demo).
 if "datasets" not in config:
@@ -33,15 +34,17 @@ if max(CONFIG["mitigation"]["spc"]) >= CONFIG["mitigation"]["pool_per_class"]:
                    "for every seed; raise mitigation.pool_per_class above it for distinct partitions")
 
 RESULTS = CONFIG["results"]
-DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, TABLE, FIGURE = (
+(DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, TABLE, FIGURE,
+ SUMMARY) = (
     layout.under(RESULTS, pattern)
     for pattern in (layout.DATA_DIR, layout.POOL, layout.PARTITION, layout.RESOURCE, layout.POISON, layout.MODEL,
                     layout.MODEL_METRICS, layout.MODEL_CURVE, layout.MODEL_BACKDOOR, layout.RUN, layout.TABLE,
-                    layout.FIGURE)
+                    layout.FIGURE, layout.SUMMARY)
 )
 LOGS = os.path.join(RESULTS, "logs")
 RUN_FILES = [RUN.format(**run) for run in grid.runs(CONFIG)]
 FIGURE_NAMES = sorted(FIGURES)
+SUMMARY_NAMES = sorted(TABLES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
 # Attacks that poison inside the training loop have a train rule of their own (train.smk).
 TRAINING_TIME_ATTACKS = [name for name in CONFIG["attacks"] if grid.is_training_time(name)]
@@ -59,6 +62,7 @@ wildcard_constraints:
     spc=r"[0-9]+",
     seed=r"[0-9]+",
     figure=r"[a-z0-9_]+",
+    summary=r"[a-z0-9_]+",
 
 
 def data_files(dataset):

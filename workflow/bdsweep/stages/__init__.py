@@ -14,4 +14,5 @@ STAGES = {
     "train": "train a backdoored model and record its pre-defense metrics",
     "defend": "run one defense on one model and partition; write the run's result file",
     "figure": "draw one figure (PNG and PDF) from the results table",
+    "summary": "write one summary table (CSV and Markdown) from the results table",
 }
