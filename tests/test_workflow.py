@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from bdsweep.figures import FIGURES
+from bdsweep.tables import TABLES
 from conftest import REPO
 
 
@@ -38,7 +40,7 @@ def demo(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_produces_the_table_and_both_figures(demo):
+def test_demo_produces_the_table_every_figure_and_every_summary_table(demo):
     table = pd.read_parquet(demo / "results" / "table" / "runs.parquet")
     # 8 backdoored models + 1 clean model, each x (none + CLP + FT x 2 SPC x 1 seed)
     assert len(table) == 9 * 4 and (table["status"] == "ok").all()
@@ -55,9 +57,21 @@ def test_demo_produces_the_table_and_both_figures(demo):
     assert coordinates == ("digits", "small_cnn", "badnets", 0.1)
     assert meta["recipe"]["epochs"] == 6 and "torch" in meta["versions"]
     assert not list((demo / "results" / "models").rglob("*.ckpt"))  # removed once the outputs exist
-    for figure in ("fig6_boxplots", "fig7_medians"):
+    for figure in FIGURES:
         for ext in ("png", "pdf"):
             assert (demo / "results" / "figures" / f"{figure}.{ext}").stat().st_size > 1000
+    for name in TABLES:
+        assert (demo / "results" / "tables" / f"{name}.md").read_text().startswith(TABLES[name].caption)
+    medians = pd.read_csv(demo / "results" / "tables" / "medians.csv")
+    assert set(medians["defense"]) == {"none", "clp", "ft"} and medians["ci_low"].le(medians["median"]).all()
+    assert len(pd.read_csv(demo / "results" / "tables" / "clean_cost.csv")) == 3  # every defense ran on the clean model
+
+
+@pytest.mark.slow
+def test_the_report_is_one_self_contained_html_file_with_captions(demo):
+    snakemake(demo, "--report", str(demo / "report.html"))
+    html = (demo / "report.html").read_text()
+    assert FIGURES["fig7_medians"].caption.split(":")[1].strip()[:40] in html
 
 
 @pytest.mark.slow

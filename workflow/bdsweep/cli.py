@@ -26,10 +26,14 @@ def list_methods(args) -> None:
 def validate(args) -> None:
     from .config import read_config, unimplemented, validate_config
     from .grid import models, runs
+    from .layout import CLEAN
 
     raw = read_config(args.config)
     config = validate_config(raw)
-    print(f"{args.config}: valid; {len(models(config))} backdoored models, {len(runs(config))} runs")
+    grid_models = models(config)
+    clean = sum(model.attack == CLEAN for model in grid_models)
+    print(f"{args.config}: valid; {len(grid_models) - clean} backdoored + {clean} clean models, "
+          f"{len(runs(config)):,} runs")
     skipped = unimplemented(raw)
     if skipped:  # only possible with skip_unimplemented: otherwise validation refuses them
         print(f"not implemented yet (skipped): {', '.join(skipped)}")

@@ -76,21 +76,3 @@ def defense(name: str, description: str, params: type, family: str, needs_data: 
         return run
 
     return decorate
-
-
-DEFENSES.declare_planned({
-    "fp": "FP: fine-pruning of low-activation last-conv channels",
-    "bnp": "BNP: prune BN channels whose statistics shift on clean data",
-    "anp": "ANP: adversarial neuron perturbation + mask pruning",
-    "awm": "AWM: adversarial weight masking",
-    "rnp": "RNP: reconstructive neuron pruning",
-    "mm-bd": "MM-BD: learned activation upper bounds",
-    "npd": "NPD: neural polarizer",
-    "fst": "FST: feature-shift tuning",
-    "ft-sam": "FT-SAM: sharpness-aware fine-tuning",
-    "nad": "NAD: neural attention distillation",
-    "nc": "NC: Neural Cleanse trigger reverse engineering + unlearning",
-    "pbe": "PBE: adversarial fine-tuning with PGD examples",
-    "i-bau": "i-BAU: implicit backdoor adversarial unlearning",
-    "sau": "SAU: shared adversarial unlearning",
-})

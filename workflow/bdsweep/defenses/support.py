@@ -85,3 +85,25 @@ def layer_outputs(model: nn.Module, names: list[str] | tuple[str, ...]) -> Itera
     finally:
         for handle in handles:
             handle.remove()
+
+
+def untrainable(name: str, model: nn.Module, data: MitigationData, minimum: int = 2):
+    """``Defended(model unchanged, note)`` when there are fewer images than a defense can train on
+    (BatchNorm in training mode needs 2), else None."""
+    from . import Defended
+
+    if len(data) >= minimum:
+        return None
+    return Defended(model, {"notes": [f"only {len(data)} mitigation image(s): {name} cannot train on fewer than "
+                                      f"{minimum}; model returned unchanged"]})
+
+
+def batching_notes(n: int, batch_size: int, unit: str = "epoch", skips_single: bool = True) -> list[str]:
+    """What small mitigation sets do to a defense's batches, for ``details["notes"]``."""
+    notes = []
+    if n < batch_size:
+        notes.append(f"{n} mitigation images, fewer than batch_size {batch_size}: one batch per {unit}")
+    if skips_single and n % batch_size == 1:  # see engine.batch_count
+        notes.append(f"a trailing batch of one image is skipped every {unit} (BatchNorm cannot train on it; "
+                     f"a different image each {unit})")
+    return notes

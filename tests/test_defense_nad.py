@@ -1,0 +1,158 @@
+"""NAD: attention maps are unit-norm and scale-free, the distance vanishes only between equal maps,
+distillation pulls the student's attention toward the teacher's, every architecture runs, few data
+degrade with notes, and the defend stage end to end."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bdsweep.checkpoint import load_model
+from bdsweep.data.store import PreparedDataset
+from bdsweep.defenses import Defended, MitigationData
+from bdsweep.defenses.nad import (
+    AttentionDistillation,
+    NADParams,
+    attention_distance,
+    attention_gaps,
+    attention_map,
+)
+from bdsweep.defenses.support import layer_outputs, subset
+from bdsweep.engine import Normalisation, train
+from bdsweep.models import create_model
+from bdsweep.registry import ARCHITECTURES, DEFENSES
+from bdsweep.results import table_row
+from bdsweep.stages.defend import mitigation_data
+from conftest import defend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def digits(digits_backdoor):
+    """The backdoored digits model and its SPC-10 mitigation data."""
+    model, _ = load_model(digits_backdoor / "model.pt")
+    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), CPU)
+    return model, data
+
+
+def test_params_are_validated_by_name():
+    with pytest.raises(ValueError, match="distance"):
+        NADParams(distance="cosine")
+    with pytest.raises(ValueError, match="betas"):
+        NADParams(betas=(500.0, -1.0))
+
+
+def test_attention_maps_are_unit_norm_per_sample_and_invariant_to_scaling():
+    torch.manual_seed(0)
+    features = torch.randn(4, 8, 5, 6)
+    maps = attention_map(features)
+    assert maps.shape == (4, 30)
+    assert torch.allclose(maps.norm(dim=1), torch.ones(4))
+    assert torch.allclose(attention_map(7.5 * features), maps, atol=1e-6)
+    # The channel mean of squares, not of values: sign flips in a channel change nothing.
+    assert torch.allclose(attention_map(features * torch.tensor([-1.0, 1] * 4).view(1, 8, 1, 1)), maps)
+    expected = features.pow(2).mean(1).flatten(1)
+    assert torch.allclose(maps, expected / expected.norm(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("distance", ["mse", "l2"])
+def test_the_distance_is_zero_for_equal_attention_and_positive_otherwise(distance):
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 4, 4, 4)
+    assert attention_distance(teacher.clone(), teacher, distance=distance) == 0
+    assert attention_distance(2 * teacher, teacher, distance=distance) < 1e-6  # scale-free
+    other = teacher.clone()
+    other[:, :, 0, 0] += 5.0  # one position lights up
+    assert attention_distance(other, teacher, distance=distance) > 1e-3
+    difference = attention_map(other) - attention_map(teacher)
+    expected = difference.pow(2).mean() if distance == "mse" else difference.norm(dim=1).mean()
+    assert torch.isclose(attention_distance(other, teacher, distance=distance), expected)
+
+
+@pytest.mark.parametrize("betas", [(500.0, 1000.0, 1000.0), (0.0, 0.0, 0.0)])
+def test_distillation_pulls_the_students_attention_toward_the_teachers(digits, betas):
+    # A teacher whose attention differs a lot (random weights), so the pull is plain to see; betas 0 is
+    # plain fine-tuning, which must not bring the student there by itself.
+    model, data = digits
+    torch.manual_seed(0)
+    teacher = create_model("small_cnn", 10, 16).eval().requires_grad_(False)
+    params, stages = NADParams(epochs=5, batch_size=32, betas=betas), model.parts.stages
+    before = attention_gaps(model, teacher, data, stages, params)
+    with layer_outputs(model, stages) as student_outputs, layer_outputs(teacher, stages) as teacher_outputs:
+        hook = AttentionDistillation(teacher, stages, betas, student_outputs, teacher_outputs, params)
+        train(model, data.images, data.labels, params.recipe(params.epochs), data.normalisation, 0, hook=hook)
+    after = attention_gaps(model, teacher, data, stages, params)
+    if betas[0]:
+        assert all(after[name] < 0.3 * before[name] for name in stages)
+        assert hook.epoch_attention == sorted(hook.epoch_attention, reverse=True)  # falls every epoch
+    else:
+        assert all(after[name] > 0.5 * before[name] for name in stages) and hook.epoch_attention == [0.0] * 5
+
+
+# vgg19_bn passes too but is left out for time (its 139M-parameter head is slow on one CPU thread).
+@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES.names() if a != "vgg19_bn"])
+def test_runs_on_every_architecture_and_leaves_no_hooks(architecture):
+    torch.manual_seed(0)
+    model = create_model(architecture, 2, 32)
+    data = MitigationData(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 0, 1, 1]),
+                          Normalisation((0.5,) * 3, (0.25,) * 3, True), 32, 2)
+    # A small lr: one step at 0.01 on an untrained EfficientNet (train-mode loss ~24) makes its eval-mode
+    # activations overflow, which the defense refuses (see the next test).
+    result = DEFENSES.get("nad").run(model, data, NADParams(teacher_epochs=1, epochs=1, lr=1e-4), CPU)
+    assert isinstance(result, Defended) and result.details["stages"] == list(model.parts.stages[-3:])
+    assert all(torch.isfinite(t).all() for t in result.model.state_dict().values() if t.is_floating_point())
+    assert not any(m._forward_hooks for m in result.model.modules())
+    assert result.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_a_teacher_with_non_finite_activations_is_an_error():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b3", 2, 32)
+    data = MitigationData(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8), torch.tensor([0, 0, 1, 1]),
+                          Normalisation((0.5,) * 3, (0.25,) * 3, True), 32, 2)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        DEFENSES.get("nad").run(model, data, NADParams(teacher_epochs=1, epochs=1), CPU)
+
+
+def test_few_images_degrade_as_documented(digits):
+    model, data = digits
+    spc2 = subset(data, torch.cat([torch.nonzero(data.labels == c).flatten()[:2] for c in range(10)]))
+    small = NADParams(teacher_epochs=1, epochs=1)
+    notes = DEFENSES.get("nad").run(copy.deepcopy(model), spc2, small, CPU).details["notes"]
+    assert any("20 mitigation images, fewer than batch_size 128" in n for n in notes)
+    spc1 = subset(data, torch.cat([torch.nonzero(data.labels == c).flatten()[:1] for c in range(10)]))
+    details = DEFENSES.get("nad").run(copy.deepcopy(model), spc1, small, CPU).details
+    assert any("10 mitigation images, fewer than batch_size 128" in n for n in details["notes"])
+    assert set(details["attention_distance_after"]) == set(model.parts.stages[-3:])
+
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    one = DEFENSES.get("nad").run(model, subset(data, torch.tensor([0])), small, CPU)
+    assert "cannot train on fewer than 2" in one.details["notes"][0]
+    assert all(torch.equal(t, before[name]) for name, t in one.model.state_dict().items())
+
+    # An architecture with only two stages distils both, with the two deepest betas.
+    two_stage = copy.deepcopy(model)
+    two_stage.parts = replace(model.parts, stages=model.parts.stages[-2:])
+    details = DEFENSES.get("nad").run(two_stage, spc2, small, CPU).details
+    assert details["betas"] == [1000.0, 1000.0] and any("fewer than 3 betas" in n for n in details["notes"])
+
+
+def test_defend_stage_end_to_end_removes_the_backdoor(digits_backdoor):
+    # The reference recipe with twice the epochs and smaller batches (100 images would make one batch).
+    params = {"teacher_epochs": 20, "epochs": 20, "batch_size": 32}
+    record = defend(digits_backdoor, "nad", params, out="nad.json")
+    assert record["status"] == "ok" and record["hyperparameters"]["epochs"] == 20
+    table_row(record, "nad.json")  # a valid run record for the aggregate stage
+    details = record["details"]
+    assert isinstance(details["notes"], list) and details["betas"] == [500.0, 1000.0, 1000.0]
+    assert details["stages"] == ["features.5", "features.9", "features.13"]
+    assert record["pre"]["asr"] > 0.7
+    assert record["post"]["asr"] < 0.5 * record["pre"]["asr"]
+    assert record["post"]["acc"] > 0.8
+    assert record["post"]["ra"] > record["pre"]["ra"]

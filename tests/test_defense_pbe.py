@@ -1,0 +1,120 @@
+"""PBE: its PGD examples, the adversarial-then-clean fine-tuning, few data and the defend stage end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdsweep.defenses import Defended, MitigationData
+from bdsweep.defenses.pbe import PBEParams, untargeted_pgd
+from bdsweep.engine import Normalisation
+from bdsweep.models import create_model
+from bdsweep.registry import DEFENSES
+from conftest import defend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# vgg19_bn works through the same code (no architecture names), but only building it takes ~10 s on one thread.
+ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large"]
+TINY = {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 1}
+
+
+def mitigation_data(n=4, num_classes=2, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n) % num_classes
+    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
+
+
+def run_pbe(model, data, **params):
+    torch.manual_seed(0)
+    return DEFENSES.get("pbe").run(model, data, PBEParams(**params), torch.device("cpu"))
+
+
+def test_pgd_examples_stay_within_eps_in_linf_and_in_the_pixel_range():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=3, image_size=16).eval()
+    images = torch.rand(6, 3, 16, 16)
+    images[0] = 0.0  # saturated images: the [0, 1] clamp must bind
+    images[1] = 1.0
+    adversarial = untargeted_pgd(model, images, torch.tensor([0, 1, 2, 0, 1, 2]), eps=0.05, step=0.01, steps=7)
+    change = (adversarial - images).abs()
+    assert change.max() <= 0.05 + 1e-6 and change.max() > 0.049  # 7 steps of 0.01 reach the bound
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+
+
+def test_pgd_raises_the_loss_and_misclassifies_more_than_clean_images():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=4, image_size=16).eval()
+    images = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # the model is right on every clean image by construction
+    adversarial = untargeted_pgd(model, images, labels, eps=0.1, step=0.02, steps=7)
+    with torch.no_grad():
+        clean_logits, adversarial_logits = model(images), model(adversarial)
+    assert F.cross_entropy(adversarial_logits, labels) > F.cross_entropy(clean_logits, labels)
+    assert (adversarial_logits.argmax(1) != labels).float().mean() > 0.25
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_pbe_fine_tunes_every_architecture(architecture):
+    torch.manual_seed(0)
+    model = create_model(architecture, num_classes=2, image_size=32)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    result = run_pbe(model, mitigation_data(), **TINY)
+    assert isinstance(result, Defended) and result.model is model
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(after[k], v) for k, v in before.items() if v.is_floating_point())
+    assert result.details["adversarial_batches"] == 1  # one batch in the one adversarial epoch, none after
+    assert 0 < result.details["largest_perturbation"] <= PBEParams().eps + 1e-6
+    assert not model.training and not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_only_the_adversarial_epochs_make_pgd_examples():
+    data = mitigation_data(n=12, num_classes=3, size=16)
+    model = create_model("small_cnn", num_classes=3, image_size=16)
+    result = run_pbe(model, data, epochs=3, adversarial_epochs=2, pgd_steps=1, batch_size=4)
+    assert result.details["adversarial_batches"] == 2 * 3
+    result = run_pbe(model, data, epochs=2, adversarial_epochs=0, batch_size=4)
+    assert result.details["adversarial_batches"] == 0 and "first_epoch_adversarial_error" not in result.details
+
+
+def test_params_name_the_bad_hyperparameter():
+    for bad, name in (({"eps": 0}, "eps"), ({"adversarial_epochs": 21}, "adversarial_epochs"),
+                      ({"pgd_steps": 0}, "pgd_steps"), ({"schedule": "step"}, "schedule")):
+        with pytest.raises(ValueError, match=name):
+            PBEParams(**bad)
+
+
+@pytest.mark.parametrize("per_class", [2, 1])
+def test_spc_2_and_1_run_as_one_batch_and_one_image_returns_the_model_unchanged(per_class):
+    data = mitigation_data(n=10 * per_class, num_classes=10, size=16)
+    result = run_pbe(create_model("small_cnn", num_classes=10, image_size=16), data, **TINY)
+    assert result.details["notes"] == [
+        f"{10 * per_class} mitigation images, fewer than batch_size 128: one batch per epoch"]
+    assert result.details["adversarial_batches"] == 1
+    model = create_model("small_cnn", num_classes=10, image_size=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run_pbe(model, mitigation_data(n=1, num_classes=10, size=16))
+    assert "cannot train" in result.details["notes"][0]
+    assert all(torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
+
+
+def test_pbe_through_the_defend_stage_lowers_asr_where_clean_fine_tuning_does_not(digits_backdoor):
+    # Every epoch adversarial and eps 0.05 (defaults: 3 of 20, eps 0.02): at this scale (16-px digits, 100
+    # images, one batch per epoch) the default's 3 PGD steps are too few to erase the backdoor.
+    params = {"epochs": 20, "adversarial_epochs": 20, "eps": 0.05}
+    record = defend(digits_backdoor, "pbe", params, out="pbe.json")
+    assert record["status"] == "ok" and record["post"] is not None
+    details = record["details"]
+    assert details["notes"] == ["100 mitigation images, fewer than batch_size 128: one batch per epoch"]
+    assert record["hyperparameters"]["eps"] == 0.05 and details["adversarial_batches"] == 20
+    assert details["largest_perturbation"] == pytest.approx(0.05)
+    assert record["pre"]["asr"] > 0.7
+    assert record["post"]["asr"] < 0.3 * record["pre"]["asr"]
+    assert record["post"]["acc"] > record["pre"]["acc"] - 0.05
+    # The same run without PGD examples is plain fine-tuning: the adversarial examples do the erasing.
+    control = defend(digits_backdoor, "pbe", {**params, "adversarial_epochs": 0}, out="pbe_control.json")
+    assert control["post"]["asr"] > record["post"]["asr"] + 0.3

@@ -1,0 +1,147 @@
+"""FT-SAM (Zhu, Wei, Shen, Fan and Wu, "Enhancing Fine-Tuning Based Backdoor Defense with
+Sharpness-Aware Minimization", ICCV 2023): fine-tune the whole model on the mitigation data with
+adaptive sharpness-aware minimisation (ASAM, Kwon et al., ICML 2021), i.e. solve
+``min_w max_{||T_w^-1 e||_2 <= rho} CE(D_m, w + e)`` with ``T_w = diag(|w| + eta)``.
+
+Per batch: (1) the gradient g of the (label-smoothed) cross-entropy at w; (2) the worst-case
+perturbation to first order, ``e = rho T_w^2 g / ||T_w g||_2``, added to every trainable weight;
+(3) the loss and its gradient recomputed on the same augmented batch at w + e; (4) w restored
+exactly and the base optimiser (SGD, momentum, weight decay on w) steps with the gradient from w + e.
+The engine runs the loop; this module's hook does steps 2-4 in ``after_backward``.
+
+Interpretations, from the survey's toolkit (BackdoorBench's ft-sam with its SAM(adaptive=True)):
+- Every trainable parameter is rescaled, biases and BN affine weights included, and ``eta`` is 0 as
+  in the paper's ``T_w = diag(|w_1|, ..., |w_n|)``; Kwon et al.'s ASAM uses eta 0.01 on weights only
+  (set ``eta`` for that scaling; biases are rescaled either way). A 1e-12 in the denominator keeps a
+  zero gradient finite.
+- The second pass must not count twice in BatchNorm's running statistics (the toolkit zeroes BN
+  momentum for it); here every buffer is restored after it, which is the same and exact.
+- The learning rate follows the engine's per-epoch cosine schedule (the toolkit steps its cosine per
+  batch; with mitigation sets smaller than a batch the two coincide); rho stays constant (the
+  toolkit's rho_max = rho_min). Label smoothing is PyTorch's (eps/K on every class); the toolkit puts
+  eps/(K-1) on the wrong classes only. SPEC's batch 128 (the toolkit's yaml has 256).
+
+Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size``
+every epoch is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer
+than 2 images nothing can be trained and the model is returned unchanged (noted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import BatchHook, Recipe, autocast, train
+from ..params import check_ranges
+from . import Defended, defense, run_seed
+from .support import accuracy, batching_notes, untrainable
+
+DENOMINATOR_EPS = 1e-12  # the toolkit's perturb_eps: a zero gradient gives a zero perturbation
+
+
+@dataclass(frozen=True)
+class FTSAMParams:
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"  # the engine's "cosine" (per epoch) or "constant"
+    rho: float = 2.0  # budget of ||T_w^-1 e||_2 (the toolkit: GTSRB and Tiny 8)
+    eta: float = 0.0  # T_w = |w| + eta, element-wise (Kwon et al.'s ASAM: 0.01)
+    label_smoothing: float = 0.1  # (the toolkit: GTSRB and Tiny 0)
+    augment: bool = True  # random crop and flip where the dataset allows
+    crop_padding: int = 4
+
+    def __post_init__(self):
+        check_ranges("FT-SAM", self, {
+            "epochs": self.epochs >= 1,
+            "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "batch_size": self.batch_size >= 1,
+            "schedule": self.schedule in ("cosine", "constant"),
+            "rho": self.rho >= 0,
+            "eta": self.eta >= 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "crop_padding": self.crop_padding >= 0,
+        })
+
+
+@torch.no_grad()
+def adaptive_perturbation(weights: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float
+                          ) -> list[torch.Tensor]:
+    """ASAM's ascent step ``e = rho T^2 g / ||T g||_2`` with ``T = |w| + eta``: the maximiser of
+    ``g . e`` subject to ``||T^-1 e||_2 <= rho``, so that norm is exactly rho (for a non-zero T g)."""
+    scales = [w.abs() + eta for w in weights]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s * g) for s, g in zip(scales, grads)]))
+    factor = rho / (norm + DENOMINATOR_EPS)
+    return [s * s * g * factor for s, g in zip(scales, grads)]
+
+
+class SharpnessAwareStep(BatchHook):
+    """Replaces each batch's gradient by the gradient at the adaptively perturbed weights."""
+
+    def __init__(self, model: nn.Module, params: FTSAMParams):
+        self.model, self.params = model, params
+        # Per-step numbers, summed on the device: one host sync at the end, not one per batch.
+        self.perturbed_loss_sum = self.perturbation_norm_sum = None
+        self.steps = self.images_seen = 0
+
+    @torch.no_grad()
+    def perturb(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Move every weight with a gradient to w + e; (those weights, their values at w)."""
+        weights = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        originals = [w.detach().clone() for w in weights]  # restored by copy: w + e - e is not w in floats
+        perturbation = adaptive_perturbation(originals, [w.grad for w in weights], self.params.rho, self.params.eta)
+        for w, e in zip(weights, perturbation):
+            w.add_(e)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(e) for e in perturbation]))
+        self.perturbation_norm_sum = norm if self.perturbation_norm_sum is None else self.perturbation_norm_sum + norm
+        return weights, originals
+
+    def after_backward(self, inputs, labels):
+        buffers = [b.clone() for b in self.model.buffers()]  # BN statistics: the second pass must not count
+        weights, originals = self.perturb()
+        self.model.zero_grad(set_to_none=True)
+        with autocast(inputs.device):
+            loss = F.cross_entropy(self.model(inputs), labels, label_smoothing=self.params.label_smoothing)
+        loss.backward()  # these gradients, taken at w + e, are the ones the optimiser steps with
+        with torch.no_grad():
+            for w, original in zip(weights, originals):
+                w.copy_(original)
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        weighted = loss.detach() * len(labels)
+        self.perturbed_loss_sum = weighted if self.perturbed_loss_sum is None else self.perturbed_loss_sum + weighted
+        self.steps += 1
+        self.images_seen += len(labels)
+
+
+@defense("ft-sam", "FT-SAM: fine-tune the whole model with adaptive sharpness-aware minimisation", FTSAMParams,
+         family="fine-tuning")
+def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
+    model = model.to(device)
+    if (unchanged := untrainable("FT-SAM", model, data)) is not None:
+        return unchanged
+    notes = batching_notes(len(data), params.batch_size)
+    hook = SharpnessAwareStep(model, params)
+    recipe = Recipe(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, momentum=params.momentum,
+                    weight_decay=params.weight_decay, schedule=params.schedule, crop_padding=params.crop_padding,
+                    augment=params.augment, label_smoothing=params.label_smoothing)
+    curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="FT-SAM",
+                  hook=hook)
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise RuntimeError("FT-SAM fine-tuning produced non-finite weights")
+    return Defended(model, {
+        "sam_steps": hook.steps,
+        "final_training_loss": curve[-1]["loss"],  # at w, on the augmented batches, label-smoothed
+        "final_training_accuracy": curve[-1]["accuracy"],
+        "mean_perturbed_loss": float(hook.perturbed_loss_sum) / hook.images_seen,  # at w + e, whole run
+        "mean_perturbation_l2": float(hook.perturbation_norm_sum) / hook.steps,  # ||e||_2, not the T-norm
+        "mitigation_accuracy_after": accuracy(model, data),
+        "notes": notes,
+    })

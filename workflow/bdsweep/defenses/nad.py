@@ -1,0 +1,175 @@
+"""NAD (Li, Lyu, Koren, Lyu, Li and Ma, ICLR 2021): "Neural Attention Distillation: Erasing Backdoor
+Triggers from Deep Neural Networks".
+
+1. Teacher: a copy of the backdoored model fine-tuned with plain cross-entropy on the mitigation data
+   (``teacher_epochs``), then frozen in eval mode.
+2. Student: the backdoored model itself, trained (``epochs``) on CE + sum_l beta_l * D(A_T^l, A_S^l) over
+   the outputs of the last three stages (``model.parts.stages[-3:]``, betas 500/1000/1000 shallow to
+   deep), where the attention map A = channel-mean of |activation|^p (p = 2), flattened and L2-normalised
+   per sample. Both phases: SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 128, crop + flip.
+
+Interpretations (from the authors' code and the BackdoorBench port the survey used):
+- D is the reference code's ``F.mse_loss`` of the normalised maps (the mean over the batch and the h x w
+  positions of the squared difference), the scale the betas were tuned for; the paper's Eq. (the mean over
+  the batch of the per-sample L2 distance) is ``distance="l2"``. The reference sums |activation|^p over
+  channels; the mean is the same map after normalisation.
+- The teacher runs in eval mode, the student in training mode (batch statistics), as in the reference.
+- The learning rate is constant in both phases: the toolkit's student resets it to 0.01 every epoch, and
+  its teacher's cosine runs over 100 epochs of which 10 are used (a 2 % decay). Batch 128 and weight decay
+  5e-4 are the protocol's (BackdoorBench's CIFAR-10/GTSRB files say batch 256, Tiny 128).
+- BackdoorBench distils only the last feature map for VGG, EfficientNet and MobileNet; here every
+  architecture distils its last three stages, as ``ModelParts`` names them. An architecture with fewer
+  stages distils all of them with the deepest betas (noted).
+
+Few data: nothing is held out, so SPC 1 runs as is. With fewer images than ``batch_size`` every epoch is
+one batch of all of them (noted); the engine skips a trailing batch of one image; with fewer than 2
+images nothing can be trained (BN needs 2) and the model is returned unchanged (noted). A teacher whose
+activations are non-finite after fine-tuning is an error, not a teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import BatchHook, Recipe, autocast, train
+from ..params import check_ranges
+from . import Defended, MitigationData, defense, run_seed
+from .support import batches, batching_notes, layer_outputs, untrainable
+
+DISTANCES = ("mse", "l2")
+
+
+@dataclass(frozen=True)
+class NADParams:
+    teacher_epochs: int = 10
+    epochs: int = 10  # student
+    lr: float = 0.01  # both phases
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "constant"  # "constant" (the reference) or "cosine", both phases
+    betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)  # for the last len(betas) stages, shallow to deep
+    power: float = 2.0  # p in the attention map |activation|^p
+    distance: str = "mse"  # "mse" (the reference code) or "l2" (the paper's equation)
+    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
+
+    def __post_init__(self):
+        check_ranges("NAD", self, {
+            "teacher_epochs": self.teacher_epochs >= 1,
+            "epochs": self.epochs >= 1,
+            "lr": self.lr > 0,
+            "momentum": 0 <= self.momentum < 1,
+            "weight_decay": self.weight_decay >= 0,
+            "batch_size": self.batch_size >= 1,
+            "schedule": self.schedule in ("constant", "cosine"),
+            "betas": len(self.betas) >= 1 and all(b >= 0 for b in self.betas),
+            "power": self.power > 0,
+            "distance": self.distance in DISTANCES,
+        })
+
+    def recipe(self, epochs: int) -> Recipe:
+        return Recipe(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                      weight_decay=self.weight_decay, schedule=self.schedule, augment=self.augment)
+
+
+def attention_map(features: torch.Tensor, power: float = 2.0) -> torch.Tensor:
+    """(N, h*w): the channel mean of |features|^p, unit L2 norm per sample (float32: bf16 loses the small
+    differences the loss measures). Scaling the features leaves it unchanged."""
+    spatial = features.float().abs().pow(power).mean(1).flatten(1)
+    return F.normalize(spatial, dim=1)
+
+
+def attention_distance(student: torch.Tensor, teacher: torch.Tensor, power: float = 2.0, distance: str = "mse"
+                       ) -> torch.Tensor:
+    difference = attention_map(student, power) - attention_map(teacher, power)
+    return difference.pow(2).mean() if distance == "mse" else difference.norm(dim=1).mean()
+
+
+class AttentionDistillation(BatchHook):
+    """Adds the weighted attention distances to the frozen teacher on the same (augmented) inputs. The
+    student's stage outputs come from ``student_outputs``, filled by hooks during the engine's forward."""
+
+    def __init__(self, teacher: nn.Module, stages: tuple[str, ...], betas: tuple[float, ...],
+                 student_outputs: dict, teacher_outputs: dict, params: NADParams):
+        self.teacher, self.stages, self.betas, self.params = teacher, stages, betas, params
+        self.student_outputs, self.teacher_outputs = student_outputs, teacher_outputs
+        self.attention_sum, self.seen, self.epoch_attention = 0.0, 0, []
+
+    def loss(self, inputs, labels, logits, cross_entropy):
+        with torch.no_grad():
+            self.teacher(inputs)
+        attention = sum(beta * attention_distance(self.student_outputs[name], self.teacher_outputs[name],
+                                                  self.params.power, self.params.distance)
+                        for name, beta in zip(self.stages, self.betas))
+        self.attention_sum = self.attention_sum + attention.detach() * len(labels)  # no host sync per batch
+        self.seen += len(labels)
+        return cross_entropy + attention
+
+    def end_epoch(self):
+        self.epoch_attention.append(float(self.attention_sum) / self.seen)
+        self.attention_sum, self.seen = 0.0, 0
+
+
+@torch.no_grad()
+def attention_gaps(student: nn.Module, teacher: nn.Module, data: MitigationData, stages, params: NADParams
+                   ) -> dict[str, float]:
+    """Per stage, the (unweighted) attention distance to the teacher on the un-augmented mitigation data,
+    both models in eval mode: how far distillation has brought the student."""
+    was_training, totals = student.training, dict.fromkeys(stages, 0.0)
+    student.eval()
+    with layer_outputs(student, stages) as s_out, layer_outputs(teacher, stages) as t_out:
+        for x, _ in batches(data, 512):
+            with autocast(x.device):
+                student(x), teacher(x)
+            for name in stages:
+                totals[name] += len(x) * float(attention_distance(s_out[name], t_out[name], params.power,
+                                                                  params.distance))
+    student.train(was_training)
+    return {name: total / len(data) for name, total in totals.items()}
+
+
+@defense("nad", "NAD: distil a fine-tuned teacher's attention maps into the backdoored model", NADParams,
+         family="fine-tuning")
+def neural_attention_distillation(model, data, params: NADParams, device):
+    model = model.to(device)
+    if (unchanged := untrainable("NAD", model, data)) is not None:
+        return unchanged
+    notes = batching_notes(len(data), params.batch_size)
+    depth = min(len(params.betas), len(model.parts.stages))
+    stages, betas = model.parts.stages[-depth:], params.betas[-depth:]
+    if depth < len(params.betas):
+        notes.append(f"the architecture has {depth} stage(s), fewer than {len(params.betas)} betas: "
+                     f"distilling {list(stages)} with the deepest betas {list(betas)}")
+    seed = run_seed()
+
+    teacher = copy.deepcopy(model)
+    teacher_curve = train(teacher, data.images, data.labels, params.recipe(params.teacher_epochs),
+                          data.normalisation, seed, description="NAD teacher")
+    teacher.eval().requires_grad_(False)
+    gaps_before = attention_gaps(model, teacher, data, stages, params)
+    if not all(map(math.isfinite, gaps_before.values())):  # distilling from it would wreck the student
+        raise RuntimeError("NAD teacher fine-tuning produced non-finite activations on the mitigation data")
+
+    with layer_outputs(model, stages) as student_outputs, layer_outputs(teacher, stages) as teacher_outputs:
+        hook = AttentionDistillation(teacher, stages, betas, student_outputs, teacher_outputs, params)
+        curve = train(model, data.images, data.labels, params.recipe(params.epochs), data.normalisation,
+                      seed + 1, description="NAD student", hook=hook)
+    gaps_after = attention_gaps(model, teacher, data, stages, params)
+    return Defended(model, {
+        "stages": list(stages),
+        "betas": list(betas),
+        "teacher_final_loss": teacher_curve[-1]["loss"],
+        "teacher_final_accuracy": teacher_curve[-1]["accuracy"],
+        "final_cross_entropy": curve[-1]["loss"],
+        "final_accuracy": curve[-1]["accuracy"],
+        "attention_loss_per_epoch": hook.epoch_attention,
+        "attention_distance_before": gaps_before,  # per stage, unweighted, eval mode
+        "attention_distance_after": gaps_after,
+        "notes": notes,
+    })

@@ -1,0 +1,226 @@
+"""NC (Wang, Yao, Shan, Li, Viswanath, Zheng and Zhao, "Neural Cleanse: Identifying and Mitigating
+Backdoor Attacks in Neural Networks", IEEE S&P 2019): reverse-engineer a trigger per class, flag
+classes whose trigger is anomalously small, unlearn the flagged triggers.
+
+1. For every class c, with the model frozen in eval mode, a mask m in [0, 1]^{HxW} and a pattern p in
+   [0, 1]^{3xHxW} (each ``tanh(w) / 2 + 0.5``) minimise ``CE((1 - m) x + m p, c) + cost_c |m|_1`` with
+   Adam (lr 0.1, betas 0.5/0.9), at most 80 epochs. Per epoch: the smallest |m|_1 of an epoch whose
+   attack success is >= 0.98 is kept; after ``patience`` (5) successful epochs in a row cost_c is
+   doubled, after 5 unsuccessful ones divided by 2^1.5; the class stops once its cost has moved both
+   ways and its best norm has not improved by 1 % for 25 epochs.
+2. Anomaly index of each class: |norm - median| / (1.4826 MAD); flagged: norm below the median, index > 2.
+3. If any class is flagged, the whole model is fine-tuned (SGD 0.01, momentum 0.9, wd 5e-4, cosine,
+   batch 256, 100 epochs, crop + flip) with 20 % of every batch stamped with a flagged class's
+   reversed trigger and its true label kept. If none is flagged, the model is returned unchanged.
+
+Defaults are the survey toolkit's (BackdoorBench's nc config: mask lr, init cost 1e-3, success
+threshold 98 %, patience 5, early-stop patience 25 at 0.99, 80 epochs, unlearning ratio 0.2 and the
+model training recipe for unlearning). Interpretations: the classes are optimised side by side (one
+forward pass stamps a batch with every class's trigger; each class keeps its own cost, Adam moments
+and stopping, exactly as separate runs would); reverse engineering sees unaugmented images, as the
+authors' code does; a class that never reaches the success threshold keeps its last mask (the toolkit
+keeps its first-epoch mask); the median of an even count is the mean of the middle two (the toolkit's
+torch.median takes the lower one); the toolkit stamps a fixed 20 % of D_m once, here a random 20 %
+(at least one image) of every batch is stamped, so each image is also seen clean.
+
+Few data: reverse engineering runs on any number of images; with fewer than ``batch_size`` each
+epoch is one Adam step on all of them (noted). Unlearning needs 2 images (BN in training mode): with
+fewer, flagged or not, the model is returned unchanged (noted). No data at all: unchanged (noted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import BatchHook, Recipe, autocast, train
+from ..params import check_ranges
+from . import Defended, defense, run_seed
+from .support import batches, batching_notes
+
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's std
+TANH_EPSILON = 1e-7  # keeps tanh(w) / (2 + eps) + 0.5 strictly inside (0, 1), as the authors' code
+
+
+@dataclass(frozen=True)
+class NCParams:
+    epochs: int = 80  # reverse-engineering epochs per class, at most
+    batch_size: int = 256
+    mask_lr: float = 0.1
+    init_cost: float = 1e-3
+    success_threshold: float = 0.98  # attack success an epoch needs to count as a trigger
+    patience: int = 5  # epochs before the cost moves
+    cost_multiplier: float = 2.0  # up by this, down by this ** 1.5
+    early_stop_patience: int = 25
+    early_stop_threshold: float = 0.99  # the best norm must fall below this share of its best to count
+    classes_per_pass: int = 10  # classes reverse-engineered side by side (memory: batch x this images)
+    anomaly_threshold: float = 2.0
+    unlearn_ratio: float = 0.2  # share of every unlearning batch stamped with a reversed trigger
+    unlearn_epochs: int = 100
+    unlearn_lr: float = 0.01
+    unlearn_batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True  # unlearning only: random crop (padding 4) and flip where the dataset allows
+
+    def __post_init__(self):
+        check_ranges("NC", self, {
+            "epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "mask_lr": self.mask_lr > 0,
+            "init_cost": self.init_cost > 0, "success_threshold": 0 < self.success_threshold <= 1,
+            "patience": self.patience >= 1, "cost_multiplier": self.cost_multiplier > 1,
+            "early_stop_patience": self.early_stop_patience >= 1,
+            "early_stop_threshold": 0 < self.early_stop_threshold <= 1,
+            "classes_per_pass": self.classes_per_pass >= 1, "anomaly_threshold": self.anomaly_threshold > 0,
+            "unlearn_ratio": 0 < self.unlearn_ratio <= 1, "unlearn_epochs": self.unlearn_epochs >= 1,
+            "unlearn_lr": self.unlearn_lr > 0, "unlearn_batch_size": self.unlearn_batch_size >= 1,
+            "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+        })
+
+
+def to_unit_interval(raw: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(raw) / (2 + TANH_EPSILON) + 0.5
+
+
+def stamp(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    return (1 - mask) * images + mask * pattern
+
+
+def anomaly_indices(norms: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """(|norm - median| / (1.4826 MAD) per class, median, MAD). A zero MAD (all norms equal but
+    outliers) is clamped, so a deviating class gets a huge but finite index."""
+    median = norms.quantile(0.5)  # interpolates: the mean of the middle two for an even count
+    deviation = (norms - median).abs()
+    mad = MAD_CONSISTENCY * deviation.quantile(0.5)
+    return deviation / mad.clamp_min(1e-12), float(median), float(mad)
+
+
+def flag_classes(norms: torch.Tensor, threshold: float) -> tuple[list[int], torch.Tensor]:
+    """Classes whose trigger is anomalously SMALL (below the median, index > threshold), and every index."""
+    index, median, _ = anomaly_indices(norms)
+    return torch.nonzero((norms < median) & (index > threshold)).flatten().tolist(), index
+
+
+def reverse_engineer(model, data, classes: list[int], params: NCParams, generator: torch.Generator) -> dict:
+    """Best masks (K, 1, H, W), patterns (K, 3, H, W), their L1 norms, success and epochs run for ``classes``."""
+    k, size, device = len(classes), data.image_size, data.images.device
+    raw_mask = torch.ones(k, 1, size, size, device=device, requires_grad=True)  # the authors' initialisation
+    raw_pattern = torch.ones(k, 3, size, size, device=device, requires_grad=True)
+    optimiser = torch.optim.Adam([raw_mask, raw_pattern], lr=params.mask_lr, betas=(0.5, 0.9))
+    targets = torch.tensor(classes, device=device)
+    cost = torch.full((k,), params.init_cost, device=device)
+    best_mask, best_pattern = to_unit_interval(raw_mask).detach(), to_unit_interval(raw_pattern).detach()
+    best_norm, early_best = (torch.full((k,), float("inf"), device=device) for _ in range(2))
+    up, down, stale = (torch.zeros(k, dtype=torch.long, device=device) for _ in range(3))  # epoch counters
+    moved_up, moved_down = (torch.zeros(k, dtype=torch.bool, device=device) for _ in range(2))
+    active, epochs_run = torch.ones(k, dtype=torch.bool, device=device), torch.zeros(k, dtype=torch.long)
+    for _ in range(params.epochs):
+        hits, norm_sum, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
+        kept = (raw_mask.detach().clone(), raw_pattern.detach().clone())
+        for x, _ in batches(data, params.batch_size, generator, normalise=False):
+            mask, pattern = to_unit_interval(raw_mask), to_unit_interval(raw_pattern)
+            stamped = stamp(x[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # (K * B, 3, H, W), class-major
+            with autocast(device):
+                logits = model(data.normalisation.normalise(stamped)).float()
+            wanted = targets.repeat_interleave(len(x))
+            cross_entropy = F.cross_entropy(logits, wanted, reduction="none").view(k, -1).mean(1)
+            norms = mask.flatten(1).sum(1)
+            optimiser.zero_grad(set_to_none=True)
+            (cross_entropy + cost * norms).sum().backward()  # classes are independent: each gets its own gradient
+            optimiser.step()
+            hits += (logits.argmax(1) == wanted).view(k, -1).float().sum(1).detach()
+            norm_sum, steps = norm_sum + norms.detach(), steps + 1
+        with torch.no_grad():  # stopped classes keep their parameters, as if their run had ended
+            raw_mask.copy_(torch.where(active.view(-1, 1, 1, 1), raw_mask, kept[0]))
+            raw_pattern.copy_(torch.where(active.view(-1, 1, 1, 1), raw_pattern, kept[1]))
+        epochs_run += active.cpu()
+        success, norm = hits / len(data), norm_sum / steps  # per class, over the epoch
+        succeeded = success >= params.success_threshold
+        improved = active & succeeded & (norm < best_norm)
+        best_norm = torch.where(improved, norm, best_norm)
+        best_mask = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_mask).detach(), best_mask)
+        best_pattern = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_pattern).detach(), best_pattern)
+        # Early stop: the cost has moved both ways and the best norm has not improved by 1 % for a while.
+        found = torch.isfinite(best_norm)
+        stale = torch.where(found & (best_norm >= params.early_stop_threshold * early_best), stale + 1, 0)
+        early_best = torch.minimum(early_best, best_norm)
+        active &= ~(moved_up & moved_down & (stale >= params.early_stop_patience))
+        # Cost schedule: up after `patience` successful epochs in a row, down after as many failures.
+        up, down = torch.where(succeeded, up + 1, 0), torch.where(succeeded, 0, down + 1)
+        raise_cost, lower_cost = active & (up >= params.patience), active & (down >= params.patience)
+        cost = torch.where(raise_cost, cost * params.cost_multiplier, cost)
+        cost = torch.where(lower_cost, cost / params.cost_multiplier ** 1.5, cost)
+        up, down = torch.where(raise_cost, 0, up), torch.where(lower_cost, 0, down)
+        moved_up, moved_down = moved_up | raise_cost, moved_down | lower_cost
+        if not active.any():
+            break
+    never = ~torch.isfinite(best_norm)  # never reached the threshold: keep the last trigger
+    best_mask = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(raw_mask).detach(), best_mask)
+    best_pattern = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(raw_pattern).detach(), best_pattern)
+    return {"masks": best_mask, "patterns": best_pattern, "norms": best_mask.flatten(1).sum(1),
+            "reached": (~never).cpu(), "epochs": epochs_run}
+
+
+class StampReversedTriggers(BatchHook):
+    """Stamps a random share of every batch with one flagged class's reversed trigger, labels unchanged."""
+
+    def __init__(self, masks: torch.Tensor, patterns: torch.Tensor, ratio: float, generator: torch.Generator):
+        self.masks, self.patterns, self.ratio, self.generator = masks, patterns, ratio, generator
+
+    def transform(self, images, labels, indices):
+        n, draws = len(images), self.generator.device
+        chosen = torch.randperm(n, generator=self.generator, device=draws)[:max(1, round(self.ratio * n))]
+        trigger = torch.randint(len(self.masks), (len(chosen),), generator=self.generator, device=draws)
+        chosen, trigger = chosen.to(images.device), trigger.to(images.device)
+        images = images.clone()
+        images[chosen] = stamp(images[chosen], self.masks[trigger], self.patterns[trigger])
+        return images, labels, None
+
+
+@defense("nc", "NC: reverse-engineer a trigger per class, flag small-trigger outliers (MAD), unlearn them",
+         NCParams, family="fine-tuning")
+def neural_cleanse(model, data, params: NCParams, device):
+    model = model.to(device).eval()
+    n, notes = len(data), []
+    if n == 0:
+        return Defended(model, {"flagged_classes": [], "notes": ["no mitigation data: model returned unchanged"]})
+    if n < params.batch_size:
+        notes.append(f"{n} mitigation images < batch_size {params.batch_size}: "
+                     "one Adam step per reverse-engineering epoch")
+    generator = torch.Generator(device=data.images.device).manual_seed(run_seed())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    groups = [list(range(data.num_classes))[i:i + params.classes_per_pass]
+              for i in range(0, data.num_classes, params.classes_per_pass)]
+    parts = [reverse_engineer(model, data, group, params, generator) for group in groups]
+    for p in trainable:
+        p.requires_grad_(True)
+    masks, patterns = torch.cat([r["masks"] for r in parts]), torch.cat([r["patterns"] for r in parts])
+    norms = torch.cat([r["norms"] for r in parts])
+    reached = torch.cat([r["reached"] for r in parts])
+    flagged, index = flag_classes(norms, params.anomaly_threshold)
+    _, median, mad = anomaly_indices(norms)
+    if not reached.all():
+        notes.append(f"classes {torch.nonzero(~reached).flatten().tolist()} never reached attack success "
+                     f"{params.success_threshold}: their last mask is used")
+    details = {"mask_l1_norms": norms.tolist(), "anomaly_indices": index.tolist(), "median_norm": median, "mad": mad,
+               "flagged_classes": flagged, "reverse_epochs": torch.cat([r["epochs"] for r in parts]).tolist(),
+               "notes": notes}
+    if not flagged:
+        notes.append(f"no class flagged (anomaly index <= {params.anomaly_threshold} or norm not below the median): "
+                     "model returned unchanged")
+        return Defended(model, details)
+    if n < 2:
+        notes.append(f"classes {flagged} flagged, but {n} mitigation image cannot train BN: model returned unchanged")
+        return Defended(model, details)
+    notes += [f"unlearning: {note}" for note in batching_notes(n, params.unlearn_batch_size)]
+    recipe = Recipe(epochs=params.unlearn_epochs, batch_size=params.unlearn_batch_size, lr=params.unlearn_lr,
+                    momentum=params.momentum, weight_decay=params.weight_decay, schedule="cosine",
+                    augment=params.augment)
+    hook = StampReversedTriggers(masks[flagged], patterns[flagged], params.unlearn_ratio, generator)
+    curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="NC unlearn",
+                  hook=hook)
+    details.update(unlearn_final_loss=curve[-1]["loss"], unlearn_final_accuracy=curve[-1]["accuracy"])
+    return Defended(model, details)
