@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # headless: figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib import cbook  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402
@@ -215,36 +216,45 @@ def facet_levels(runs: pd.DataFrame, facet: str) -> tuple[pd.Series, list]:
 
 
 def facet_boxplots(table: pd.DataFrame, facet: str, defenses: tuple[str, ...] | None) -> plt.Figure:
-    """A grid of box plots: a row per measure, a column per defense, a box per facet level."""
+    """A row per measure; along it, a group of boxes per defense, one box per facet level. Box
+    statistics are computed once per group and drawn in one call per row (fast at 122k runs)."""
     runs = successful_runs(table)
     if defenses is not None:
         runs = runs[runs["defense"].isin(defenses)]
-    runs = runs.assign(level=facet_levels(runs, facet)[0]) if len(runs) else runs
-    labels = defense_order(runs) if len(runs) else []
-    name, _ = FACETS[facet]
-    fig, axes = plt.subplots(len(PANELS), max(1, len(labels)), figsize=(2.2 * max(1, len(labels)) + 1.5, 8),
-                             sharey="row", squeeze=False)
-    if not labels:
-        axes[0, 0].text(0.5, 0.5, f"no successful runs of {', '.join(defenses or ())}", ha="center", va="center")
+    name = FACETS[facet][0]
+    if runs.empty:
+        fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 8.5))
+        axes[0].text(0.5, 0.5, f"no successful runs of {', '.join(defenses or ())}", ha="center", va="center")
         return fig
-    levels = facet_levels(runs, facet)[1]
-    colour = dict(zip(FAMILY_ORDER, sns.color_palette("Set2", len(FAMILY_ORDER))))
-    for col, (label, per_defense) in enumerate(sorted(runs.groupby("label"), key=lambda g: labels.index(g[0]))):
-        groups = [per_defense.loc[per_defense["level"] == level] for level in levels]
-        for row, (column, title) in enumerate(PANELS):
-            ax = axes[row, col]
-            boxes = ax.boxplot([g[column].dropna().to_numpy() for g in groups], tick_labels=levels, widths=0.6,
-                               patch_artist=True, flierprops={"markersize": 1.5, "rasterized": True},
-                               medianprops={"color": "black"})
+    values, levels = facet_levels(runs, facet)
+    runs = runs.assign(level=values)
+    labels = defense_order(runs)
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(8.0, len(labels) * (0.3 + 0.08 * len(levels)) + 1.5), 8.5),
+                             sharex=True)
+    colours = sns.color_palette("tab10" if len(levels) <= 10 else "husl", len(levels))
+    width = 0.8 / len(levels)
+    grouped = {key: frame for key, frame in runs.groupby(["label", "level"], sort=False)}
+    for ax, (column, title) in zip(axes, PANELS):
+        for j, level in enumerate(levels):
+            present = [(i, grouped[(label, level)][column].dropna().to_numpy()) for i, label in enumerate(labels)
+                       if (label, level) in grouped]
+            present = [(i, v) for i, v in present if len(v)]
+            if not present:
+                continue
+            stats = cbook.boxplot_stats([v for _, v in present])
+            boxes = ax.bxp(stats, positions=[i - 0.4 + width * (j + 0.5) for i, _ in present], widths=width * 0.9,
+                           patch_artist=True, flierprops={"markersize": 1, "alpha": 0.4},
+                           medianprops={"color": "black", "lw": 0.8}, manage_ticks=False)
             for patch in boxes["boxes"]:
-                patch.set_facecolor(colour[per_defense["family"].iloc[0]])
-            ax.axhline(0, color="grey", lw=0.6)
-            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
-            if col == 0:
-                ax.set_ylabel(title)
-        axes[0, col].set_title(label)
-    fig.supxlabel(name)
-    fig.suptitle(f"ASR, RDR and ARR per defense and {name} (\u2020 pruning, \u2666 fine-tuning)")
+                patch.set_facecolor(colours[j])
+            boxes["boxes"][0].set_label(level)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylabel(title)
+    axes[-1].set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes[0].legend(title=name, fontsize="small", ncols=min(len(levels), 8), loc="lower center",
+                   bbox_to_anchor=(0.5, 1.02))
+    axes[-1].set_xlabel("defense (\u2020 pruning, \u2666 fine-tuning)")
+    fig.suptitle(f"ASR, RDR and ARR per defense and {name}")
     fig.tight_layout()
     return fig
 
