@@ -72,6 +72,7 @@ def test_the_report_is_one_self_contained_html_file_with_captions(demo):
     snakemake(demo, "--report", str(demo / "report.html"))
     html = (demo / "report.html").read_text()
     assert FIGURES["fig7_medians"].caption.split(":")[1].strip()[:40] in html
+    assert html.count("iVBORw0KGgo") >= len(FIGURES)  # every figure embedded as a base64 PNG, nothing linked
 
 
 @pytest.mark.slow
