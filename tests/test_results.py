@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import pandas as pd
 import pytest
 
@@ -48,6 +49,16 @@ def test_table_has_one_row_per_run_and_the_documented_columns(tmp_path):
     assert read["spc"].isna().tolist() == [False, False, True, False]
     assert json.loads(read["hyperparameters"].iloc[0]) == {"epochs": 3}
     assert "failed per defense: {'ft': 1}" in (tmp_path / "log").read_text()
+
+
+def test_the_table_reads_in_duckdb_with_its_types(tmp_path):
+    records = [record(), record(seed=1, post_asr=0.3), record("clp", "pruning", None, None)]
+    aggregate(write_runs(tmp_path, records), tmp_path / "t.parquet")
+    path = tmp_path / "t.parquet"
+    rows = duckdb.sql(f"SELECT defense, spc, post_asr FROM '{path}' ORDER BY defense, post_asr").fetchall()
+    assert rows == [("clp", None, 0.1), ("ft", 10, 0.1), ("ft", 10, 0.3)]
+    types = {row[0]: row[1] for row in duckdb.sql(f"DESCRIBE SELECT spc, seed, post_asr FROM '{path}'").fetchall()}
+    assert types == {"spc": "BIGINT", "seed": "BIGINT", "post_asr": "DOUBLE"}
 
 
 def test_unreadable_or_foreign_run_files_are_reported_by_path(tmp_path):
