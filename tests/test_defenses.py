@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -10,11 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+from bdsweep import grid
 from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData, defense
 from bdsweep.defenses.clp import channel_lipschitz
 from bdsweep.engine import Normalisation
+from bdsweep.params import scale_batch_sizes
 from bdsweep.registry import DEFENSES
+from bdsweep.resume import RETRY_EXIT_CODE
 from conftest import defend
 
 
@@ -150,3 +154,44 @@ def test_clp_prunes_exactly_the_channels_above_mean_plus_u_std_and_needs_no_data
     keep = [k for k in range(16) if k != 5]
     assert torch.equal(bn.weight[keep], before["1.weight"][keep])
     assert torch.equal(result.model[0].weight, before["0.weight"])
+
+
+@dataclass(frozen=True)
+class BatchedParams:
+    batch_size: int = 128
+    unlearn_batch_size: int = 64
+    epochs: int = 3
+
+
+def test_out_of_memory_fails_the_job_without_a_run_file_and_the_retry_halves_the_batches(
+        digits_backdoor, temporary_defense):
+    """Simulated on CPU: a defense that needs batches of at most 32 to fit in "device memory"."""
+    seen = []
+
+    def needs_small_batches(model, data, params, device):
+        seen.append((params.batch_size, params.unlearn_batch_size, params.epochs))
+        if params.batch_size > 32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model
+
+    temporary_defense("memory-hungry", needs_small_batches, BatchedParams)
+    from bdsweep.cli import main
+
+    out = digits_backdoor / "oom.json"
+    argv = ["defend", "--model", str(digits_backdoor / "model.pt"), "--model-metrics",
+            str(digits_backdoor / "metrics.json"), "--data", str(digits_backdoor / "data"), "--backdoor",
+            str(digits_backdoor / "poison.npz"), "--partition", str(digits_backdoor / "spc10.npy"),
+            "--defense", "memory-hungry", "--device", "cpu", "--out", str(out)]
+    attempts = [grid.batch_percent(attempt) for attempt in (1, 2, 3)]
+    assert attempts == [100, 50, 25]
+    assert [main([*argv, "--batch-percent", str(p)]) for p in attempts[:2]] == [RETRY_EXIT_CODE] * 2
+    assert not out.exists()  # a job failure, not a result
+    assert main([*argv, "--batch-percent", str(attempts[2])]) == 0
+    assert seen == [(128, 64, 3), (64, 32, 3), (32, 16, 3)]  # every batch size scaled, nothing else
+    record = json.loads(out.read_text())
+    assert record["status"] == "ok" and record["hyperparameters"]["batch_size"] == 32
+    assert any("scaled to 25 %" in note for note in record["details"]["notes"])
+
+
+def test_batch_scaling_keeps_at_least_one_image():
+    assert scale_batch_sizes(BatchedParams(batch_size=3, unlearn_batch_size=1), 25) == BatchedParams(1, 1, 3)

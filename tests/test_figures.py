@@ -31,6 +31,7 @@ def synthetic_table(seed: int = 0) -> pd.DataFrame:
                          "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
                          "pre_acc": 0.9, "post_acc": float(rng.uniform(0.5, 0.9)),
                          "status": "failed" if rng.uniform() < 0.05 else "ok"})
+            rows[-1]["reason"] = "RuntimeError: boom" if rows[-1]["status"] == "failed" else None
     return pd.DataFrame(rows).astype({"spc": "Int64", "seed": "Int64"})
 
 

@@ -15,6 +15,7 @@ from bdsweep.statistics import (
     bootstrap_medians,
     clean_cost,
     consistency,
+    failures,
     grouped_bootstrap_medians,
     holm,
     median_ci,
@@ -259,3 +260,14 @@ def test_all_functions_on_a_20k_row_table():
     assert consistency(runs).shape == (6, 3 + 3 * 3 + 1)  # defense, family, median, 3 per facet, score
     assert clean_cost(runs).shape == (6, len(CLEAN_COST_COLUMNS))
     assert to_markdown(summary(runs)).count("\n") == 6 * 3 + 2
+
+
+def test_failures_are_counted_per_defense_with_their_most_common_reason():
+    table = pd.DataFrame({"family": ["pruning"] * 4 + ["fine-tuning"] * 2, "defense": ["anp"] * 4 + ["ft"] * 2,
+                          "status": ["ok", "failed", "failed", "failed", "ok", "ok"],
+                          "reason": [None, "non-finite weights after defense", "ValueError: x\ntrace",
+                                     "ValueError: x\nother trace", None, None]})
+    out = failures(table).set_index("defense")
+    assert out.loc["anp", "runs"] == 4 and out.loc["anp", "failed"] == 3 and out.loc["anp", "failed_share"] == 0.75
+    assert out.loc["anp", "most_common_reason"] == "ValueError: x" and out.loc["anp", "most_common_reason_count"] == 2
+    assert out.loc["ft", "failed"] == 0 and pd.isna(out.loc["ft", "most_common_reason"])

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from .resume import PREEMPTED_EXIT_CODE, Preempted
+from .resume import PREEMPTED_EXIT_CODE, RETRY_EXIT_CODE, Preempted, RetryWithLess
 from .stages import STAGES
 
 
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"bdsweep {args.command}: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RetryWithLess as failure:
+        print(f"bdsweep {args.command}: {failure}", file=sys.stderr)
+        return RETRY_EXIT_CODE
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()
         return 0

@@ -63,3 +63,9 @@ def params_json(config: dict, section: str, name: str | None, dataset: str) -> s
     """The overrides of a method (or of ``training``) for one dataset, as canonical JSON."""
     entry = config[section] if name is None else config[section][name]
     return json.dumps(method_params(entry, dataset), sort_keys=True)
+
+
+def batch_percent(attempt: int) -> int:
+    """The defend rule's batch-size percentage on its ``attempt``-th try: 100, 50, 25, ... (at least
+    1), so a run that ran out of GPU memory is retried with half the batch each time."""
+    return max(1, 100 >> (attempt - 1))

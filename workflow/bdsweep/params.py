@@ -34,6 +34,15 @@ def resolve(params_class: type, overrides: dict | None, owner: str):
     return params_class(**values)
 
 
+def scale_batch_sizes(params, percent: int):
+    """``params`` with every ``batch_size`` / ``*_batch_size`` hyperparameter scaled to ``percent``
+    (at least 1): how a run retried after running out of GPU memory asks for less of it."""
+    names = [f.name for f in dataclasses.fields(params) if f.name == "batch_size" or f.name.endswith("_batch_size")]
+    scaled = {name: max(1, getattr(params, name) * percent // 100) for name in names
+              if isinstance(getattr(params, name), int)}
+    return dataclasses.replace(params, **scaled)
+
+
 def check_ranges(owner: str, params, checks: dict[str, bool]) -> None:
     """Raise for the first hyperparameter whose check failed, naming it and its value
     (for ``__post_init__`` of parameter classes: ``{"lr": self.lr > 0, ...}``)."""

@@ -33,6 +33,13 @@ class Preempted(Exception):
     """SIGTERM arrived during training; the checkpoint holds the state to resume from."""
 
 
+RETRY_EXIT_CODE = 75  # EX_TEMPFAIL: the job failed for a reason its retry can avoid
+
+
+class RetryWithLess(Exception):
+    """The device ran out of memory: no result was written; a retry with smaller batches may pass."""
+
+
 def fingerprint(arguments: dict, files: list[str | os.PathLike] = ()) -> str:
     """A hash of a job's arguments and of its input files' sizes and modification times."""
     stats = [(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]

@@ -379,3 +379,22 @@ def clean_cost(table: pd.DataFrame) -> pd.DataFrame:
                         "median_post_acc": grouped["post_acc"].median(),
                         "median_acc_drop": grouped["acc_drop"].median(), "median_arr": grouped["arr"].median()})
     return _ordered(out.reset_index()[list(CLEAN_COST_COLUMNS)], ["defense"])
+
+
+# --- 6. failures ------------------------------------------------------------------------------------------------------
+
+def failures(table: pd.DataFrame) -> pd.DataFrame:
+    """Per defense: runs, failed runs (an exception or non-finite weights), their share, and the most
+    common reason (its first line) with its count. A failed run is a result, never dropped."""
+    _require(table, ("status", "defense", "reason"))
+    runs = table.assign(failed=table["status"] != "ok",
+                        first_line=table["reason"].fillna("").astype(str).str.split("\n").str[0],
+                        family=table["family"] if "family" in table.columns else "")
+    grouped = runs.groupby(["family", "defense"])
+    out = pd.DataFrame({"runs": grouped.size(), "failed": grouped["failed"].sum()})
+    out["failed_share"] = out["failed"] / out["runs"]
+    per_reason = runs[runs["failed"]].groupby(["family", "defense", "first_line"]).size().sort_values(ascending=False)
+    top = per_reason.reset_index(level="first_line").groupby(level=["family", "defense"]).head(1)
+    out["most_common_reason"] = top["first_line"].reindex(out.index)  # missing when nothing failed
+    out["most_common_reason_count"] = top[0].reindex(out.index).fillna(0).astype(int)
+    return _ordered(out.reset_index(), ["defense"])

@@ -35,6 +35,8 @@ TABLES: dict[str, SummaryTable] = {
                                        "difference, Wilcoxon signed-rank p-value, Holm-corrected."),
     "consistency": SummaryTable(statistics.consistency, "Spread of each defense's median ASR across attacks, "
                                 "architectures and datasets (lower = more consistent)."),
+    "failures": SummaryTable(statistics.failures, "Runs and failed runs per defense (an exception or non-finite "
+                             "weights), with the most common reason."),
     "clean_cost": SummaryTable(statistics.clean_cost, "What each defense costs a clean (unpoisoned) model: median "
                                "accuracy drop and ARR."),
 }

@@ -21,12 +21,14 @@ from ..defenses import Defended, MitigationData
 from ..engine import as_tensor, select_device
 from ..evaluate import evaluate_model, load_poison, normalisation_of
 from ..metrics import removal_metrics
-from ..params import as_dict, resolve, stable_hash, stable_seed
+from ..params import as_dict, resolve, scale_batch_sizes, stable_hash, stable_seed
 from ..provenance import device_name, peak_memory, reset_peak_memory, versions
 from ..registry import DEFENSES
 from ..results import SCHEMA_VERSION
+from ..resume import RetryWithLess
 
 NON_FINITE = "non-finite weights after defense"
+
 
 
 def add_arguments(parser):
@@ -40,6 +42,9 @@ def add_arguments(parser):
     parser.add_argument("--params", default="{}", type=json.loads, help="defense hyperparameters, JSON")
     parser.add_argument("--coordinates", default="{}", type=json.loads, help="grid coordinates to record")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-percent", type=int, default=100, choices=range(1, 101), metavar="1..100",
+                        help="scale the defense's batch sizes to this percentage (the workflow lowers it when a "
+                        "retry follows a GPU out-of-memory error)")
     parser.add_argument("--out", required=True)
 
 
@@ -69,6 +74,8 @@ def run_defense(defense, model, data: MitigationData, params, device) -> dict:
             outcome.update(status="failed", reason=NON_FINITE)
         else:
             outcome["model"] = result
+    except torch.OutOfMemoryError:
+        raise  # not a result of the defense: the job fails, and its retry asks for smaller batches
     except Exception as error:  # a defense's failure is a result, recorded with its reason
         outcome.update(status="failed", reason=f"{type(error).__name__}: {error}",
                        details={"traceback": traceback.format_exc(limit=5)})
@@ -83,6 +90,8 @@ def main(args):
     device = select_device(args.device)
     defense = DEFENSES.get(args.defense)
     params = resolve(defense.params, args.params, f"defense {args.defense!r}")
+    if args.batch_percent < 100:
+        params = scale_batch_sizes(params, args.batch_percent)
     if defense.needs_data and not args.partition:
         raise ValueError(f"defense {args.defense!r} needs mitigation data: pass --partition")
 
@@ -91,7 +100,15 @@ def main(args):
     data = PreparedDataset(args.data)
     indices = read_npy(args.partition, "partition") if defense.needs_data else None
     torch.manual_seed(stable_seed("defend", args.defense, json.dumps(args.coordinates, sort_keys=True)))
-    outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
+    try:
+        outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
+    except torch.OutOfMemoryError as error:
+        raise RetryWithLess(f"defense {args.defense!r} ran out of device memory at {args.batch_percent} % of its batch "
+                          f"sizes ({error}); no run file written. The workflow retries with half the batch "
+                          "(--retries, or the profile's retries)") from None
+    if args.batch_percent < 100:
+        outcome["details"].setdefault("notes", []).append(
+            f"batch sizes scaled to {args.batch_percent} % after running out of device memory")
 
     # 2. Evaluation data, after the defense has returned.
     model_record = read_json(args.model_metrics)
