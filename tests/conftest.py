@@ -135,3 +135,41 @@ def planned_defense(monkeypatch):
     DEFENSES.entries()  # load every module first, so nothing registers over the planned entry
     monkeypatch.setitem(DEFENSES._entries, "future-defense", Entry("future-defense", None, "planned", False))
     return "future-defense"
+
+
+def random_mitigation(n=4, num_classes=2, size=32, seed=0):
+    """Mitigation data of random images with balanced labels, for mechanism tests of defenses."""
+    import torch
+
+    from bdsweep.defenses import MitigationData
+    from bdsweep.engine import Normalisation
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n) % num_classes
+    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
+
+
+def run_defense(name, model, data, **params):
+    """Call the registered defense directly on CPU with these hyperparameters, seeded."""
+    import torch
+
+    from bdsweep.registry import DEFENSES
+
+    torch.manual_seed(0)
+    defense = DEFENSES.get(name)
+    return defense.run(model, data, defense.params(**params), torch.device("cpu"))
+
+
+@pytest.fixture
+def digits(digits_backdoor):
+    """The backdoored digits model and its SPC-10 mitigation data."""
+    import numpy as np
+
+    from bdsweep.checkpoint import load_model
+    from bdsweep.data.store import PreparedDataset
+    from bdsweep.stages.defend import mitigation_data
+
+    model, _ = load_model(digits_backdoor / "model.pt")
+    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), "cpu")
+    return model, data

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from bdsweep.checkpoint import load_model
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData
 from bdsweep.defenses.fst import FSTParams, project_to_norm, reinitialise_head
 from bdsweep.defenses.support import subset
@@ -19,20 +16,11 @@ from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
 from bdsweep.registry import ARCHITECTURES, DEFENSES
 from bdsweep.results import table_row
-from bdsweep.stages.defend import mitigation_data
 from conftest import defend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 FAST = FSTParams(epochs=8, batch_size=32)  # 4 steps per epoch on SPC 10
-
-
-@pytest.fixture
-def digits(digits_backdoor):
-    """The backdoored digits model and its SPC-10 mitigation data."""
-    model, _ = load_model(digits_backdoor / "model.pt")
-    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), CPU)
-    return model, data
 
 
 def run_fst(model, data, params, seed=0):

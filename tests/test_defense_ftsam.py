@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdsweep.defenses import Defended, MitigationData
+from bdsweep.defenses import Defended
 from bdsweep.defenses.ftsam import FTSAMParams, SharpnessAwareStep, adaptive_perturbation
-from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
-from bdsweep.registry import DEFENSES
-from conftest import defend
+from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,16 +20,8 @@ ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v
 TINY = {"epochs": 1}
 
 
-def mitigation_data(n=4, num_classes=2, size=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
-
-
 def run_ftsam(model, data, **params):
-    torch.manual_seed(0)
-    return DEFENSES.get("ft-sam").run(model, data, FTSAMParams(**params), torch.device("cpu"))
+    return run_defense("ft-sam", model, data, **params)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.01, 0.5])
@@ -94,7 +84,7 @@ def test_ftsam_fine_tunes_every_architecture(architecture):
     torch.manual_seed(0)
     model = create_model(architecture, num_classes=2, image_size=32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = run_ftsam(model, mitigation_data(), **TINY)
+    result = run_ftsam(model, random_mitigation(), **TINY)
     assert isinstance(result, Defended) and result.details["sam_steps"] == 1
     after = result.model.state_dict()
     assert after.keys() == before.keys()
@@ -114,13 +104,13 @@ def test_params_name_the_bad_hyperparameter():
 
 def test_spc2_and_spc1_run_as_one_batch_and_a_single_image_returns_the_model_unchanged():
     for per_class in (2, 1):
-        data = mitigation_data(n=10 * per_class, num_classes=10, size=16)
+        data = random_mitigation(n=10 * per_class, num_classes=10, size=16)
         result = run_ftsam(create_model("small_cnn", num_classes=10, image_size=16), data, epochs=2)
         assert any("one batch per epoch" in note for note in result.details["notes"])
         assert result.details["sam_steps"] == 2
     model = create_model("small_cnn", num_classes=10, image_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = run_ftsam(model, mitigation_data(n=1, num_classes=10, size=16))
+    result = run_ftsam(model, random_mitigation(n=1, num_classes=10, size=16))
     assert any("unchanged" in note for note in result.details["notes"])
     assert all(torch.equal(result.model.state_dict()[k], v) for k, v in before.items())
 

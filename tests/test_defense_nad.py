@@ -7,12 +7,9 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
-from bdsweep.checkpoint import load_model
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData
 from bdsweep.defenses.nad import (
     AttentionDistillation,
@@ -26,19 +23,10 @@ from bdsweep.engine import Normalisation, train
 from bdsweep.models import create_model
 from bdsweep.registry import ARCHITECTURES, DEFENSES
 from bdsweep.results import table_row
-from bdsweep.stages.defend import mitigation_data
 from conftest import defend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def digits(digits_backdoor):
-    """The backdoored digits model and its SPC-10 mitigation data."""
-    model, _ = load_model(digits_backdoor / "model.pt")
-    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), CPU)
-    return model, data
 
 
 def test_params_are_validated_by_name():

@@ -13,15 +13,11 @@ import pytest
 import torch
 
 import bdsweep.defenses.nc as nc
-from bdsweep.checkpoint import load_model
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData
 from bdsweep.defenses.nc import NCParams, StampReversedTriggers, anomaly_indices, flag_classes, reverse_engineer
-from bdsweep.defenses.support import subset
 from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
 from bdsweep.registry import ARCHITECTURES, DEFENSES
-from bdsweep.stages.defend import mitigation_data
 from conftest import defend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,15 +30,6 @@ FAST = NCParams(epochs=30, batch_size=3, anomaly_threshold=1.2, unlearn_epochs=5
 
 def run(model, data, params):
     return DEFENSES.get("nc").run(model, data, params, CPU)
-
-
-@pytest.fixture
-def digits(digits_backdoor):
-    """The backdoored digits model and three mitigation images per class."""
-    model, _ = load_model(digits_backdoor / "model.pt")
-    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), CPU)
-    first = torch.cat([torch.nonzero(data.labels == c).flatten()[:3] for c in range(data.num_classes)])
-    return model, subset(data, first)
 
 
 def random_data(n, num_classes, size=32, seed=0):

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdsweep.defenses import Defended, MitigationData
+from bdsweep.defenses import Defended
 from bdsweep.defenses.npd import NPDParams, estimated_target, insert_polarizer, project_l2, targeted_pgd
-from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
-from bdsweep.registry import DEFENSES
-from conftest import defend
+from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,16 +17,8 @@ ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v
 TINY = {"warmup_epochs": 1, "epochs": 1, "inner_steps": 1}
 
 
-def mitigation_data(n=4, num_classes=2, size=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
-
-
 def run_npd(model, data, **params):
-    torch.manual_seed(0)
-    return DEFENSES.get("npd").run(model, data, NPDParams(**params), torch.device("cpu"))
+    return run_defense("npd", model, data, **params)
 
 
 def test_the_polarizer_is_a_c_to_c_1x1_conv_with_bn_and_starts_as_the_identity():
@@ -52,7 +42,7 @@ def test_npd_trains_only_the_polarizer_on_every_architecture(architecture):
     torch.manual_seed(0)
     model = create_model(architecture, num_classes=2, image_size=32).eval()
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = run_npd(model, mitigation_data(), **TINY)
+    result = run_npd(model, random_mitigation(), **TINY)
     assert isinstance(result, Defended)
     after = result.model.state_dict()
     prefix = result.model.parts.polarizer
@@ -108,11 +98,11 @@ def test_params_name_the_bad_hyperparameter():
 
 
 def test_too_few_images_run_as_one_batch_and_no_images_return_the_identity():
-    spc2 = mitigation_data(n=20, num_classes=10, size=16)
+    spc2 = random_mitigation(n=20, num_classes=10, size=16)
     result = run_npd(create_model("small_cnn", num_classes=10, image_size=16), spc2, **TINY)
     assert any("one batch per epoch" in note for note in result.details["notes"])
     assert result.details["polarizer_updates"] == 1
-    empty = mitigation_data(n=0, num_classes=10, size=16)
+    empty = random_mitigation(n=0, num_classes=10, size=16)
     model = create_model("small_cnn", num_classes=10, image_size=16).eval()
     x = torch.randn(2, 3, 16, 16)
     before = model(x)

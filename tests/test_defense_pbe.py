@@ -6,12 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdsweep.defenses import Defended, MitigationData
+from bdsweep.defenses import Defended
 from bdsweep.defenses.pbe import PBEParams, untargeted_pgd
-from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
-from bdsweep.registry import DEFENSES
-from conftest import defend
+from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,16 +18,8 @@ ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v
 TINY = {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 1}
 
 
-def mitigation_data(n=4, num_classes=2, size=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
-
-
 def run_pbe(model, data, **params):
-    torch.manual_seed(0)
-    return DEFENSES.get("pbe").run(model, data, PBEParams(**params), torch.device("cpu"))
+    return run_defense("pbe", model, data, **params)
 
 
 def test_pgd_examples_stay_within_eps_in_linf_and_in_the_pixel_range():
@@ -62,7 +52,7 @@ def test_pbe_fine_tunes_every_architecture(architecture):
     torch.manual_seed(0)
     model = create_model(architecture, num_classes=2, image_size=32)
     before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = run_pbe(model, mitigation_data(), **TINY)
+    result = run_pbe(model, random_mitigation(), **TINY)
     assert isinstance(result, Defended) and result.model is model
     after = model.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
@@ -73,7 +63,7 @@ def test_pbe_fine_tunes_every_architecture(architecture):
 
 
 def test_only_the_adversarial_epochs_make_pgd_examples():
-    data = mitigation_data(n=12, num_classes=3, size=16)
+    data = random_mitigation(n=12, num_classes=3, size=16)
     model = create_model("small_cnn", num_classes=3, image_size=16)
     result = run_pbe(model, data, epochs=3, adversarial_epochs=2, pgd_steps=1, batch_size=4)
     assert result.details["adversarial_batches"] == 2 * 3
@@ -90,14 +80,14 @@ def test_params_name_the_bad_hyperparameter():
 
 @pytest.mark.parametrize("per_class", [2, 1])
 def test_spc_2_and_1_run_as_one_batch_and_one_image_returns_the_model_unchanged(per_class):
-    data = mitigation_data(n=10 * per_class, num_classes=10, size=16)
+    data = random_mitigation(n=10 * per_class, num_classes=10, size=16)
     result = run_pbe(create_model("small_cnn", num_classes=10, image_size=16), data, **TINY)
     assert result.details["notes"] == [
         f"{10 * per_class} mitigation images, fewer than batch_size 128: one batch per epoch"]
     assert result.details["adversarial_batches"] == 1
     model = create_model("small_cnn", num_classes=10, image_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = run_pbe(model, mitigation_data(n=1, num_classes=10, size=16))
+    result = run_pbe(model, random_mitigation(n=1, num_classes=10, size=16))
     assert "cannot train" in result.details["notes"][0]
     assert all(torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
 

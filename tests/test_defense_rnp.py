@@ -7,13 +7,10 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
 import bdsweep.defenses.rnp as rnp
-from bdsweep.checkpoint import load_model
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData
 from bdsweep.defenses.rnp import RNPParams, learn_neuron_mask, prune_low_mask_channels, unlearn
 from bdsweep.defenses.support import accuracy, subset
@@ -21,7 +18,6 @@ from bdsweep.engine import Normalisation
 from bdsweep.models import batch_norms, create_model
 from bdsweep.registry import ARCHITECTURES, DEFENSES
 from bdsweep.results import table_row
-from bdsweep.stages.defend import mitigation_data
 from conftest import defend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,14 +28,6 @@ FAST = RNPParams(unlearn_lr=0.05, recover_epochs=10)
 
 def generator(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
-def digits(digits_backdoor):
-    """The backdoored digits model and its SPC-10 mitigation data."""
-    model, _ = load_model(digits_backdoor / "model.pt")
-    data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), CPU)
-    return model, data
 
 
 def test_params_are_validated_by_name():

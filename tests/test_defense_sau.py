@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from bdsweep.defenses import Defended, MitigationData, sau
+from bdsweep.defenses import Defended, sau
 from bdsweep.defenses.sau import (
     SAUParams,
     shared_mistakes,
@@ -19,10 +19,8 @@ from bdsweep.defenses.sau import (
     shared_unlearning_loss,
     unlearning_mask,
 )
-from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
-from bdsweep.registry import DEFENSES
-from conftest import defend
+from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,16 +29,8 @@ ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v
 TINY = {"rounds": 1, "adv_steps": 1}
 
 
-def mitigation_data(n=4, num_classes=2, size=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
-
-
 def run_sau(model, data, **params):
-    torch.manual_seed(0)
-    return DEFENSES.get("sau").run(model, data, SAUParams(**params), torch.device("cpu"))
+    return run_defense("sau", model, data, **params)
 
 
 def two_models(num_classes=3, size=16):
@@ -134,7 +124,7 @@ def test_the_reference_stays_frozen_while_the_model_unlearns(monkeypatch):
     monkeypatch.setattr(sau, "SharedAdversarialUnlearning", Spy)
     model = create_model("small_cnn", num_classes=2, image_size=16)
     original = copy.deepcopy(model.state_dict())
-    result = run_sau(model, mitigation_data(n=8, size=16), rounds=2, batch_size=4, lr=1e-2, adv_steps=2)
+    result = run_sau(model, random_mitigation(n=8, size=16), rounds=2, batch_size=4, lr=1e-2, adv_steps=2)
     reference = seen["reference"]
     assert seen["model"] is result.model and reference is not result.model
     assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
@@ -147,7 +137,7 @@ def test_the_reference_stays_frozen_while_the_model_unlearns(monkeypatch):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_sau_runs_on_every_architecture(architecture):
     model = create_model(architecture, num_classes=2, image_size=32)
-    result = run_sau(model, mitigation_data(n=4), **TINY)
+    result = run_sau(model, random_mitigation(n=4), **TINY)
     assert isinstance(result, Defended)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert not result.model.training
@@ -156,16 +146,16 @@ def test_sau_runs_on_every_architecture(architecture):
 
 def test_few_data_degrades_as_documented():
     for spc in (2, 1):  # 10 classes: fewer images than the default batch of 256
-        data = mitigation_data(n=10 * spc, num_classes=10, size=16)
+        data = random_mitigation(n=10 * spc, num_classes=10, size=16)
         result = run_sau(create_model("small_cnn", 10, 16), data, **TINY)
         assert any("one batch per round" in note for note in result.details["notes"])
         assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    trailing = run_sau(create_model("small_cnn", 10, 16), mitigation_data(n=21, num_classes=10, size=16),
+    trailing = run_sau(create_model("small_cnn", 10, 16), random_mitigation(n=21, num_classes=10, size=16),
                        batch_size=10, **TINY)
     assert any("trailing batch of one image" in note for note in trailing.details["notes"])
     model = create_model("small_cnn", 2, 16)
     before = copy.deepcopy(model.state_dict())
-    single = run_sau(model, mitigation_data(n=1, size=16), **TINY)
+    single = run_sau(model, random_mitigation(n=1, size=16), **TINY)
     assert "unchanged" in single.details["notes"][0]
     assert all(torch.equal(v, before[k]) for k, v in single.model.state_dict().items())
 

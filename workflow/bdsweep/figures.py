@@ -99,18 +99,23 @@ def defense_order(runs: pd.DataFrame) -> list[str]:
 def boxplots(table: pd.DataFrame) -> plt.Figure:
     """Fig. 6: box plots of ASR, RDR and ARR per defense over every setting (\u2020 pruning,
     \u2666 fine-tuning; 0 is ideal for all three)."""
-    runs = successful_runs(table)
+    return defense_boxplots(successful_runs(table), "family", "Set2", 0.7,
+                            "ASR, RDR and ARR per defense over all settings (0 is ideal)")
+
+
+def defense_boxplots(runs: pd.DataFrame, hue: str, palette: str, width: float, title: str) -> plt.Figure:
+    """Figs. 6 and 8: a row per measure, a box per defense (and ``hue`` level)."""
     order = defense_order(runs)
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(6, 0.7 * len(order) + 2), 8), sharex=True)
-    for ax, (column, title) in zip(axes, PANELS):
-        sns.boxplot(data=runs, x="label", y=column, order=order, hue="family", dodge=False, ax=ax,
-                    palette="Set2", fliersize=2, legend=ax is axes[0])
-        ax.set_ylabel(title)
-        ax.set_xlabel("")
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(6, width * len(order) + 2), 8), sharex=True)
+    for ax, (column, measure) in zip(axes, PANELS):
+        sns.boxplot(data=runs, x="label", y=column, order=order, hue=hue, ax=ax, palette=palette, fliersize=1,
+                    legend=ax is axes[0])
+        ax.set(ylabel=measure, xlabel="")
         ax.axhline(0, color="grey", lw=0.6)
-    axes[0].legend(title="family", fontsize="small")
+    axes[0].legend(title=hue.replace("spc", "SPC"), fontsize="small", ncols=3, loc="lower center",
+                   bbox_to_anchor=(0.5, 1.02))
     axes[-1].set_xlabel("defense (\u2020 pruning, \u2666 fine-tuning)")
-    fig.suptitle("ASR, RDR and ARR per defense over all settings (0 is ideal)")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -132,28 +137,19 @@ def medians(table: pd.DataFrame) -> plt.Figure:
 def spc_boxplots(table: pd.DataFrame) -> plt.Figure:
     """Fig. 8: box plots of ASR, RDR and ARR per defense and SPC (mitigation images per class);
     defenses that use no data (CLP, no defense) are left out."""
+    return defense_boxplots(runs_with_data(table), "spc", "crest", 0.9, "ASR, RDR and ARR per defense and SPC")
+
+
+def runs_with_data(table: pd.DataFrame) -> pd.DataFrame:
     runs = successful_runs(table)
-    runs = runs[runs["spc"].notna()].astype({"spc": int})
-    order = defense_order(runs)
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(max(6, 0.9 * len(order) + 2), 8), sharex=True)
-    for ax, (column, title) in zip(axes, PANELS):
-        sns.boxplot(data=runs, x="label", y=column, order=order, hue="spc", ax=ax, palette="crest", fliersize=1,
-                    legend=ax is axes[0])
-        ax.set(ylabel=title, xlabel="")
-        ax.axhline(0, color="grey", lw=0.6)
-    axes[0].legend(title="SPC", fontsize="small", ncols=3)
-    axes[-1].set_xlabel("defense (\u2020 pruning, \u2666 fine-tuning)")
-    fig.suptitle("ASR, RDR and ARR per defense and SPC")
-    fig.tight_layout()
-    return fig
+    return runs[runs["spc"].notna()].astype({"spc": int})
 
 
 @figure("fig9_spc_medians")
 def spc_medians(table: pd.DataFrame) -> plt.Figure:
     """Fig. 9: median RDR and ARR against median ASR per defense, one column per SPC, with the
     FP and FT baseline rectangles of that SPC; defenses that use no data are left out."""
-    runs = successful_runs(table)
-    runs = runs[runs["spc"].notna()].astype({"spc": int})
+    runs = runs_with_data(table)
     levels = sorted(runs["spc"].unique())
     fig, axes = plt.subplots(2, len(levels), figsize=(5.5 * len(levels), 9), squeeze=False)
     for index, spc in enumerate(levels):
