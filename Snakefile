@@ -11,11 +11,11 @@ include: "workflow/rules/common.smk"
 report: "workflow/report/workflow.rst"
 
 
-# The run files are targets too: a deleted run file is recomputed (alone), then the table and
-# figures are rebuilt from it.
+# One manifest per model stands for its runs (workflow/rules/defend.smk); the table, figures and
+# summary tables are built from them.
 rule all:
     input:
-        RUN_FILES,
+        MANIFESTS,
         TABLE,
         expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
         expand(SUMMARY, summary=SUMMARY_NAMES, ext=("csv", "md")),

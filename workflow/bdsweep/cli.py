@@ -51,7 +51,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     for name, summary in STAGES.items():
         sub = commands.add_parser(name, help=summary)
         if name == stage:
-            module = importlib.import_module(f".stages.{name}", __package__)
+            module = importlib.import_module(f".stages.{name.replace('-', '_')}", __package__)
             module.add_arguments(sub)
             sub.set_defaults(handler=module.main)
     return parser

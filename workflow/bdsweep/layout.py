@@ -15,6 +15,8 @@ MODEL_DIR = "{results}/models/{dataset}/{architecture}/{attack}/{ratio}"
 MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR = (
     f"{MODEL_DIR}/{name}" for name in ("model.pt", "metrics.json", "curve.csv", "backdoor_test.npz"))
 RUN = "{results}/runs/{dataset}/{architecture}/{attack}/{ratio}/{defense}/{mitigation}.json"
+# One per model: its run files and their status, written by the job that runs them (the DAG's unit).
+MANIFEST = "{results}/manifests/{dataset}/{architecture}/{attack}/{ratio}.json"
 TABLE = "{results}/table/runs.parquet"
 FIGURE = "{results}/figures/{figure}.{ext}"
 SUMMARY = "{results}/tables/{summary}.{ext}"

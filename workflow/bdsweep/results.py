@@ -12,6 +12,8 @@ Parquet table with one row per run. Table columns:
   peak_memory_kind, device
 - acc_below_gate, asr_below_gate: the backdoored model failed a sanity gate
 - hyperparameter_hash, hyperparameters (JSON), details (JSON), versions (JSON), path
+- inputs_fingerprint: what the run depended on (defense, overrides, coordinates, input file
+  contents); a run file recording the current fingerprint is up to date (``stages/defend_model``)
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
     if "schema_version" not in cached or not (cached["schema_version"] == SCHEMA_VERSION).all():
         return None
     return cached
+
+
+def manifest_runs(manifests: list[str | os.PathLike]) -> list[str]:
+    """The run files the models' manifests list, in order (the aggregate's inputs)."""
+    return [run["path"] for manifest in manifests for run in read_json(manifest)["runs"]]
 
 
 def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str | os.PathLike | None = None,

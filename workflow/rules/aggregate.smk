@@ -1,7 +1,8 @@
-# Stage 7: one Parquet table, one row per run. In-process: it needs no GPU, and the list of
-# run files would not fit on a command line at the full grid's size. The cache (outside the
-# rule's outputs, which Snakemake deletes before a rerun) lets a rerun read only changed files.
-from bdsweep.results import aggregate
+# Stage 7: one Parquet table, one row per run, from the run files the models' manifests list.
+# In-process: it needs no GPU, and the list of run files would not fit on a command line at the
+# full grid's size. The cache (outside the rule's outputs, which Snakemake deletes before a rerun)
+# lets a rerun read only changed files.
+from bdsweep.results import aggregate, manifest_runs
 
 
 localrules:
@@ -10,10 +11,10 @@ localrules:
 
 rule aggregate_runs:
     input:
-        RUN_FILES,
+        MANIFESTS,
     output:
         TABLE,
     log:
         os.path.join(LOGS, "aggregate.log"),
     run:
-        aggregate(input, output[0], log[0], cache=os.path.join(RESULTS, ".cache", "runs.parquet"))
+        aggregate(manifest_runs(input), output[0], log[0], cache=os.path.join(RESULTS, ".cache", "runs.parquet"))

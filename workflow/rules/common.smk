@@ -34,15 +34,19 @@ if max(CONFIG["mitigation"]["spc"]) >= CONFIG["mitigation"]["pool_per_class"]:
                    "for every seed; raise mitigation.pool_per_class above it for distinct partitions")
 
 RESULTS = CONFIG["results"]
-(DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, TABLE, FIGURE,
- SUMMARY) = (
+(DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, MANIFEST, TABLE,
+ FIGURE, SUMMARY) = (
     layout.under(RESULTS, pattern)
     for pattern in (layout.DATA_DIR, layout.POOL, layout.PARTITION, layout.RESOURCE, layout.POISON, layout.MODEL,
-                    layout.MODEL_METRICS, layout.MODEL_CURVE, layout.MODEL_BACKDOOR, layout.RUN, layout.TABLE,
-                    layout.FIGURE, layout.SUMMARY)
+                    layout.MODEL_METRICS, layout.MODEL_CURVE, layout.MODEL_BACKDOOR, layout.RUN, layout.MANIFEST,
+                    layout.TABLE, layout.FIGURE, layout.SUMMARY)
 )
 LOGS = os.path.join(RESULTS, "logs")
-RUN_FILES = [RUN.format(**run) for run in grid.runs(CONFIG)]
+# The runs of each dataset's models, as the defend_model rule's `--defenses` (equal for every model
+# of a dataset, so computed once per dataset).
+DEFENSE_PLANS = {dataset: json.dumps(grid.defense_plan(CONFIG, dataset), sort_keys=True) for dataset in CONFIG["datasets"]}
+MANIFESTS = [MANIFEST.format(**model.wildcards()) for model in grid.models(CONFIG)
+             if DEFENSE_PLANS[model.dataset] != "{}"]
 FIGURE_NAMES = sorted(FIGURES)
 SUMMARY_NAMES = sorted(TABLES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
@@ -129,21 +133,20 @@ def optional_flag(flag, name):
     return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if name in input.keys() else ""
 
 
-def defend_inputs(wildcards):
-    """A run's inputs; the partition only for defenses that use mitigation data."""
-    inputs = {
+def defend_model_inputs(wildcards):
+    """A model's runs read the model, its record, the dataset, its backdoor test set and every
+    partition its data-using defenses draw on."""
+    tokens = {token for entry in grid.defense_plan(CONFIG, wildcards.dataset).values() for token in entry["mitigations"]}
+    partitions = [PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
+                  for spc, seed in sorted(map(layout.parse_mitigation, tokens - {layout.NO_DATA}))]
+    return {
         "data": data_files(wildcards.dataset),
         "model": MODEL.format(**wildcards),
         "metrics": MODEL_METRICS.format(**wildcards),
         **backdoor_test_set(wildcards),
+        "partitions": partitions,
     }
-    spc, seed = layout.parse_mitigation(wildcards.mitigation)
-    if spc is not None:
-        inputs["partition"] = PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
-    return inputs
 
 
-def run_coordinates(wildcards):
-    spc, seed = layout.parse_mitigation(wildcards.mitigation)
-    return json.dumps({"dataset": wildcards.dataset, "architecture": wildcards.architecture,
-                       "attack": wildcards.attack, "ratio": float(wildcards.ratio), "spc": spc, "seed": seed})
+def defense_plan(dataset):
+    return DEFENSE_PLANS[dataset]

@@ -13,6 +13,7 @@ STAGES = {
     "poison": "poison a dataset with a data-poisoning attack at one ratio",
     "train": "train a backdoored model and record its pre-defense metrics",
     "defend": "run one defense on one model and partition; write the run's result file",
+    "defend-model": "run every defense run of one model (the runs whose files are missing or stale)",
     "figure": "draw one figure (PNG and PDF) from the results table",
     "summary": "write one summary table (CSV and Markdown) from the results table",
 }

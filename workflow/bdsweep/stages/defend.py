@@ -7,9 +7,12 @@ defense runs, and only then are the test set and the backdoor test set loaded fo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -86,44 +89,95 @@ def run_defense(defense, model, data: MitigationData, params, device) -> dict:
     return outcome
 
 
-def main(args):
-    device = select_device(args.device)
-    defense = DEFENSES.get(args.defense)
-    params = resolve(defense.params, args.params, f"defense {args.defense!r}")
-    if args.batch_percent < 100:
-        params = scale_batch_sizes(params, args.batch_percent)
-    if defense.needs_data and not args.partition:
-        raise ValueError(f"defense {args.defense!r} needs mitigation data: pass --partition")
+@dataclass(frozen=True)
+class ModelFiles:
+    """What every run on one model reads: the model and its record, the dataset, and the backdoor
+    test set (evaluation only: it is opened after the defense has returned)."""
+
+    model: str
+    model_metrics: str
+    data: str
+    backdoor: str | None = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a defense with its configured overrides on one partition (None: no data)."""
+
+    defense: str
+    overrides: dict
+    coordinates: dict
+    partition: str | None
+    out: str
+
+
+def file_digest(path: str | None) -> str | None:
+    """Content hash of an input file; contents, not modification times, so copying a results
+    directory does not invalidate its runs."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inputs_fingerprint(run: RunSpec, digests: dict) -> str:
+    """What a run's result depends on: the defense, its overrides, its coordinates and the contents
+    of its input files (``digests``: path -> content hash). A run file recording the same
+    fingerprint is up to date."""
+    files = {"model": digests["model"], "data": digests["data"], "backdoor": digests.get("backdoor"),
+             "partition": digests.get(run.partition)}
+    return stable_hash({"defense": run.defense, "overrides": run.overrides, "coordinates": run.coordinates,
+                        "files": files})
+
+
+def model_digests(files: ModelFiles) -> dict:
+    return {"model": file_digest(files.model), "data": file_digest(os.path.join(files.data, "meta.json")),
+            "backdoor": file_digest(files.backdoor)}
+
+
+def defend(run: RunSpec, files: ModelFiles, device: torch.device, batch_percent: int = 100,
+           fingerprint: str | None = None, dataset: PreparedDataset | None = None) -> dict:
+    """Run ``run`` on the model of ``files`` and write its run file; returns the record written.
+    Raises RetryWithLess (no run file) when the device runs out of memory."""
+    defense = DEFENSES.get(run.defense)
+    params = resolve(defense.params, run.overrides, f"defense {run.defense!r}")
+    if batch_percent < 100:
+        params = scale_batch_sizes(params, batch_percent)
+    if defense.needs_data and not run.partition:
+        raise ValueError(f"defense {run.defense!r} needs mitigation data: pass --partition")
 
     # 1. Only what the defense may see.
-    model, _ = load_model(args.model)
-    data = PreparedDataset(args.data)
-    indices = read_npy(args.partition, "partition") if defense.needs_data else None
-    torch.manual_seed(stable_seed("defend", args.defense, json.dumps(args.coordinates, sort_keys=True)))
+    model, _ = load_model(files.model)
+    data = dataset if dataset is not None else PreparedDataset(files.data)
+    indices = read_npy(run.partition, "partition") if defense.needs_data else None
+    torch.manual_seed(stable_seed("defend", run.defense, json.dumps(run.coordinates, sort_keys=True)))
     try:
         outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
     except torch.OutOfMemoryError as error:
-        raise RetryWithLess(f"defense {args.defense!r} ran out of device memory at {args.batch_percent} % of its batch "
-                          f"sizes ({error}); no run file written. The workflow retries with half the batch "
-                          "(--retries, or the profile's retries)") from None
-    if args.batch_percent < 100:
+        raise RetryWithLess(f"defense {run.defense!r} ran out of device memory at {batch_percent} % of its batch "
+                            f"sizes ({error}); no run file written. The workflow retries with half the batch "
+                            "(--retries, or the profile's retries)") from None
+    if batch_percent < 100:
         outcome["details"].setdefault("notes", []).append(
-            f"batch sizes scaled to {args.batch_percent} % after running out of device memory")
+            f"batch sizes scaled to {batch_percent} % after running out of device memory")
 
     # 2. Evaluation data, after the defense has returned.
-    model_record = read_json(args.model_metrics)
+    model_record = read_json(files.model_metrics)
     pre = model_record["metrics"]
     post = removal = None
     if outcome["model"] is not None:
-        backdoor = load_poison(args.backdoor) if args.backdoor else None
+        backdoor = load_poison(files.backdoor) if files.backdoor else None
         post = evaluate_model(outcome["model"], data, backdoor, model_record["target"], device)
         removal = removal_metrics(pre, post)
 
     hyperparameters = as_dict(params)
-    write_json(args.out, {
+    record = {
         "schema_version": SCHEMA_VERSION,
-        **args.coordinates,
-        "defense": args.defense,
+        **run.coordinates,
+        "defense": run.defense,
         "family": defense.family,
         "target": model_record["target"],
         "effective_ratio": model_record["effective_ratio"],
@@ -141,4 +195,14 @@ def main(args):
         "device": device_name(device),
         "model_sanity": model_record["sanity"],
         "versions": versions(),
-    })
+        "inputs_fingerprint": fingerprint,
+    }
+    write_json(run.out, record)
+    return record
+
+
+def main(args):
+    files = ModelFiles(args.model, args.model_metrics, args.data, args.backdoor)
+    run = RunSpec(args.defense, args.params, args.coordinates, args.partition, args.out)
+    fingerprint = inputs_fingerprint(run, {**model_digests(files), run.partition: file_digest(run.partition)})
+    defend(run, files, select_device(args.device), args.batch_percent, fingerprint)

@@ -1,0 +1,105 @@
+"""The model-level job (`bdsweep defend-model`): each run is its own cached result file, computed
+only when missing or stale; workers share the job; out of memory halves the batches in the job."""
+
+from __future__ import annotations
+
+import json
+
+from test_defenses import BatchedParams, temporary_defense  # noqa: F401  (a fixture)
+
+from bdsweep.cli import main
+from bdsweep.resume import RETRY_EXIT_CODE
+
+FT = {"epochs": 1, "batch_size": 32}
+
+
+def defend_model(root, defenses, out_dir, workers=1, batch_percent=100):
+    """Run the job on ``digits_backdoor``'s model; its exit code and manifest (None on failure)."""
+    argv = ["defend-model", "--model", str(root / "model.pt"), "--model-metrics", str(root / "metrics.json"),
+            "--data", str(root / "data"), "--backdoor", str(root / "poison.npz"),
+            "--defenses", json.dumps(defenses), "--coordinates", json.dumps({"dataset": "digits", "ratio": 0.1}),
+            "--partitions", str(root / "spc{spc}.npy"), "--runs", str(out_dir / "{defense}" / "{mitigation}.json"),
+            "--workers", str(workers), "--device", "cpu", "--batch-percent", str(batch_percent),
+            "--out", str(out_dir / "manifest.json")]
+    code = main(argv)
+    manifest = out_dir / "manifest.json"
+    return code, json.loads(manifest.read_text()) if code == 0 else None
+
+
+def plan(**defenses):
+    """``--defenses`` for defenses given as name=params; data-free ones run once without data."""
+    data_free = {"none", "clp"}
+    return {name: {"params": params, "mitigations": ["nodata"] if name in data_free else ["spc10-seed0"]}
+            for name, params in defenses.items()}
+
+
+def mtimes(out_dir):
+    return {path.relative_to(out_dir): path.stat().st_mtime_ns for path in out_dir.rglob("*/*.json")}
+
+
+def test_each_run_is_computed_once_and_a_changed_hyperparameter_recomputes_only_its_runs(
+        digits_backdoor, tmp_path, one_thread):
+    code, manifest = defend_model(digits_backdoor, plan(none={}, ft=FT, clp={}), tmp_path)
+    assert code == 0 and (manifest["computed"], manifest["reused"]) == (3, 0)
+    first = mtimes(tmp_path)
+    assert set(map(str, first)) == {"none/nodata.json", "ft/spc10-seed0.json", "clp/nodata.json"}
+    record = json.loads((tmp_path / "ft" / "spc10-seed0.json").read_text())
+    assert record["status"] == "ok" and (record["spc"], record["seed"], record["ratio"]) == (10, 0, 0.1)
+
+    code, manifest = defend_model(digits_backdoor, plan(none={}, ft=FT, clp={}), tmp_path)
+    assert (manifest["computed"], manifest["reused"]) == (0, 3) and mtimes(tmp_path) == first
+
+    code, manifest = defend_model(digits_backdoor, plan(none={}, ft={**FT, "lr": 0.001}, clp={}), tmp_path)
+    assert [run["defense"] for run in manifest["runs"] if run["computed"]] == ["ft"]
+    assert {path for path, mtime in mtimes(tmp_path).items() if first[path] != mtime} == {
+        next(path for path in first if path.parts[0] == "ft")}
+
+
+def test_a_damaged_run_file_is_recomputed(digits_backdoor, tmp_path, one_thread):
+    defend_model(digits_backdoor, plan(none={}, clp={}), tmp_path)
+    (tmp_path / "clp" / "nodata.json").write_text('{"status": "o')
+    code, manifest = defend_model(digits_backdoor, plan(none={}, clp={}), tmp_path)
+    assert [run["defense"] for run in manifest["runs"] if run["computed"]] == ["clp"]
+    assert json.loads((tmp_path / "clp" / "nodata.json").read_text())["status"] == "ok"
+
+
+def test_two_workers_give_the_same_results_as_one(digits_backdoor, tmp_path, one_thread):
+    defenses = plan(none={}, ft=FT, clp={})
+    defend_model(digits_backdoor, defenses, tmp_path / "one")
+    code, manifest = defend_model(digits_backdoor, defenses, tmp_path / "two", workers=2)
+    assert code == 0 and manifest["computed"] == 3
+    for path in mtimes(tmp_path / "one"):
+        one, two = (json.loads((tmp_path / side / path).read_text()) for side in ("one", "two"))
+        assert (one["post"], one["inputs_fingerprint"]) == (two["post"], two["inputs_fingerprint"])
+
+
+def test_out_of_memory_halves_the_batches_inside_the_job_then_leaves_it_to_the_rules_retry(
+        digits_backdoor, tmp_path, temporary_defense, one_thread):  # noqa: F811
+    import torch
+
+    def fits_at(limit):
+        def run(model, data, params, device):
+            if params.batch_size > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return model
+        return run
+
+    temporary_defense("fits-32", fits_at(32), BatchedParams)
+    temporary_defense("fits-16", fits_at(16), BatchedParams)
+    code, manifest = defend_model(digits_backdoor, plan(none={}, **{"fits-32": {}}), tmp_path)
+    assert code == 0
+    record = json.loads((tmp_path / "fits-32" / "spc10-seed0.json").read_text())
+    assert record["hyperparameters"]["batch_size"] == 32  # 128 -> 64 -> 32 within the job
+    assert any("scaled to 25 %" in note for note in record["details"]["notes"])
+
+    code, _ = defend_model(digits_backdoor, plan(none={}, **{"fits-16": {}}), tmp_path / "hungry")
+    assert code == RETRY_EXIT_CODE  # the rule's retry starts at 50 %, and halves from there
+    assert (tmp_path / "hungry" / "none" / "nodata.json").exists()  # finished runs are kept
+    assert not (tmp_path / "hungry" / "fits-16").exists() and not (tmp_path / "hungry" / "manifest.json").exists()
+    code, _ = defend_model(digits_backdoor, plan(none={}, **{"fits-16": {}}), tmp_path / "hungry", batch_percent=50)
+    assert code == 0
+
+
+def test_workers_must_be_positive(digits_backdoor, tmp_path):
+    assert defend_model(digits_backdoor, plan(none={}), tmp_path, workers=0)[0] == 1
+    assert not (tmp_path / "manifest.json").exists()
