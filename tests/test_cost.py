@@ -151,3 +151,14 @@ def test_a_missing_throughput_entry_names_the_architecture_and_size(tmp_path, ca
     assert "(architecture 'small_cnn', 64 px)" in capsys.readouterr().err
     assert bdsweep(["cost", str(DEMO), "--device", "tpu"]) == 1
     assert "has no device 'tpu'" in capsys.readouterr().err
+
+
+def test_an_npz_datasets_sizes_come_from_its_file(tmp_path):
+    import numpy as np
+
+    from bdsweep.cost import DatasetFacts, dataset_facts
+
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=np.zeros((30, 48, 48, 3), np.uint8), y_train=np.arange(30) % 5,
+             x_test=np.zeros((12, 48, 48, 3), np.uint8), y_test=np.arange(12) % 6)
+    assert dataset_facts({"source": "npz", "path": str(path)}) == DatasetFacts(30, 12, 6, 48)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,15 +80,24 @@ def dataset_facts(options: dict) -> DatasetFacts:
     if source == "digits":
         test = math.ceil(1797 * 0.25)
         return DatasetFacts(1797 - test, test, 10, int(options.get("image_size", 32)))
-    if source == "npz":  # labels are small; the images' shape comes from the array header alone
-        import numpy as np
-
-        with np.load(Path(options["path"]).expanduser(), mmap_mode="r") as arrays:
-            y_train, y_test = arrays["y_train"], arrays["y_test"]
-            classes = int(max(y_train.max(), y_test.max())) + 1
-            size = int(arrays["x_train"].shape[1])
-            return DatasetFacts(len(y_train), len(y_test), classes, size)
+    if source == "npz":
+        return _npz_facts(Path(options["path"]).expanduser())
     raise ValueError(f"cost: no size known for dataset source {source!r}")
+
+
+def _npz_facts(path: Path) -> DatasetFacts:
+    """Sizes of a user's .npz: the labels are read (small), the images' shape from their header only."""
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive, np.load(path) as arrays:
+        with archive.open("x_train.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            image_shape = read_header(handle)[0]
+        y_train, y_test = arrays["y_train"], arrays["y_test"]
+        classes = int(max(y_train.max(), y_test.max())) + 1
+        return DatasetFacts(len(y_train), len(y_test), classes, int(image_shape[1]))
 
 
 # ---------------------------------------------------------------------------------------------- defenses
