@@ -1,5 +1,5 @@
-"""The ``bdsweep`` command: ``bdsweep list``, ``bdsweep validate CONFIG`` and one subcommand per
-stage (what the Snakemake rules call)."""
+"""The ``bdsweep`` command: ``bdsweep list``, ``bdsweep validate CONFIG``, ``bdsweep cost CONFIG`` and
+one subcommand per stage (what the Snakemake rules call)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,17 @@ def validate(args) -> None:
         print(f"not implemented yet (skipped): {', '.join(skipped)}")
 
 
+def cost(args) -> None:
+    import json
+
+    from .config import read_config, validate_config
+    from .cost import Throughput, estimate, format_estimate, read_throughput
+
+    result = estimate(validate_config(read_config(args.config)), Throughput(read_throughput(args.throughput),
+                                                                            args.device))
+    print(json.dumps(result.as_dict(), indent=1) if args.json else format_estimate(result))
+
+
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``stage``'s module is imported, to describe its arguments."""
     parser = argparse.ArgumentParser(prog="bdsweep", description=__doc__)
@@ -48,6 +59,12 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="validate a configuration file and count its grid")
     check.add_argument("config")
     check.set_defaults(handler=validate)
+    plan = commands.add_parser("cost", help="jobs per stage and estimated GPU hours of a configuration")
+    plan.add_argument("config")
+    plan.add_argument("--device", default="h100", help="a device of the throughput file (default: h100)")
+    plan.add_argument("--throughput", help="throughput YAML (default: the shipped bdsweep/throughput.yaml)")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=cost)
     for name, summary in STAGES.items():
         sub = commands.add_parser(name, help=summary)
         if name == stage:

@@ -1,0 +1,457 @@
+"""Cost model: jobs per stage and estimated GPU hours of a configuration, without Snakemake.
+
+Counts come from the grid functions and the same dependencies the rule files encode (a run needs
+its model, data and partition; a data-poisoning model its poison file, which needs the attack's
+resource and the pool; LF's resource needs the clean model of its architecture), so they are
+instant at the full grid's size.
+
+Hours are work divided by throughput. Work is counted in **passes**: one image through the model
+forward and backward, the unit of a training step. A forward pass alone counts 1/3 of a pass (the
+backward costs about twice the forward). Throughput is images per second of training steps, per
+(architecture, image size), from a throughput file (``throughput.yaml`` beside this module, or
+one written by ``benchmarks/stage_costs.py``). Deliberate simplifications, each an upper or a
+typical bound rather than a measurement:
+
+- a defense is priced at its resolved hyperparameters' full schedule: RNP's early stop, NC's
+  early stop per class and NC's unlearning (run only when a class is flagged: counted) are taken
+  at their maximum;
+- second-order work (i-BAU's hypergradient) counts 2 passes per vector-Jacobian product;
+- small batches (SPC 2: a 20-image batch on CIFAR-10) run below full-batch throughput, above all
+  on a GPU, so small-SPC runs take longer than estimated; the per-job start-up (Python, model
+  loading) is not counted;
+- stages that run on the CPU (data, pools, partitions, poisoning, tables, figures) count no GPU
+  hours; the SSBA encoder's training (resources) is not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import grid
+from .config import method_params
+from .engine import Recipe
+from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
+from .params import resolve
+from .registry import ATTACKS, DEFENSES
+
+DEFAULT_THROUGHPUT = Path(__file__).with_name("throughput.yaml")
+FORWARD = 1 / 3  # a forward pass without backward, in passes
+FALLBACK_EPOCHS = 100  # an unknown defense is priced as this many fine-tuning epochs (or its own `epochs`)
+
+
+class ThroughputError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    train: int  # training images
+    test: int  # test images
+    classes: int
+    size: int  # pixels per side
+
+
+# Sizes of the built-in sources as they prepare them (torchvision's splits; Tiny-ImageNet's test =
+# official val; digits: scikit-learn's 1797 scans, 25 % held out, stratified).
+SOURCE_FACTS = {
+    "cifar10": DatasetFacts(50_000, 10_000, 10, 32),
+    "gtsrb": DatasetFacts(26_640, 12_630, 43, 32),
+    "tiny-imagenet": DatasetFacts(100_000, 10_000, 200, 64),
+}
+
+
+def dataset_facts(options: dict) -> DatasetFacts:
+    source = options["source"]
+    if source in SOURCE_FACTS:
+        return SOURCE_FACTS[source]
+    if source == "digits":
+        test = math.ceil(1797 * 0.25)
+        return DatasetFacts(1797 - test, test, 10, int(options.get("image_size", 32)))
+    if source == "npz":
+        return _npz_facts(Path(options["path"]).expanduser())
+    raise ValueError(f"cost: no size known for dataset source {source!r}")
+
+
+def _npz_facts(path: Path) -> DatasetFacts:
+    """Sizes of a user's .npz: the labels are read (small), the images' shape from their header only."""
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive, np.load(path) as arrays:
+        with archive.open("x_train.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            image_shape = read_header(handle)[0]
+        y_train, y_test = arrays["y_train"], arrays["y_test"]
+        classes = int(max(y_train.max(), y_test.max())) + 1
+        return DatasetFacts(len(y_train), len(y_test), classes, int(image_shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------- defenses
+
+
+@dataclass(frozen=True)
+class MitigationSize:
+    images: int  # SPC x classes (0 for data-free defenses)
+    classes: int
+
+    @property
+    def fit(self) -> int:
+        """Images left for fitting after a held-out split of one image per class (FP, ANP)."""
+        return self.images - self.classes if self.images > self.classes else self.images
+
+
+def _epochs_times(n: Callable[[MitigationSize], int], *epoch_fields: str, per_image: float = 1.0):
+    """Passes = (sum of the named epoch fields) x images x per_image."""
+    return lambda p, m: sum(getattr(p, name) for name in epoch_fields) * n(m) * per_image
+
+
+def _images(m: MitigationSize) -> int:
+    return m.images
+
+
+def _fp(p, m):
+    activations, pruning_checks = m.images * FORWARD, round(1 / p.step) * m.classes * FORWARD
+    return activations + pruning_checks + p.epochs * m.fit
+
+
+def _anp(p, m):
+    thresholds = int(p.pruning_max / p.pruning_step) + 1
+    return p.iterations * min(p.batch_size, m.fit) * (p.steps + 2) + thresholds * m.classes * FORWARD
+
+
+def _awm(p, m):  # trigger search: a forward without and one with gradient; mask: clean + triggered
+    return p.epochs * p.inner * m.images * ((1 + FORWARD) + 2)
+
+
+def _mmbd(p, m):  # a forward for the reference logits, then per epoch a step and an accuracy check
+    return m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
+
+
+def _npd(p, m):  # per step: the PGD steps, then the clean and adversarial batches
+    return p.warmup_epochs * m.images + p.epochs * m.images * (p.inner_steps + 2)
+
+
+def _nad(p, m):  # teacher fine-tuning, then student steps with a teacher forward each
+    return p.teacher_epochs * m.images + p.epochs * m.images * (1 + FORWARD)
+
+
+def _nc(p, m):  # every class's trigger on every image, each epoch; unlearning counted as if flagged
+    return p.epochs * m.classes * m.images + p.unlearn_epochs * m.images
+
+
+def _pbe(p, m):
+    return p.adversarial_epochs * m.images * (p.pgd_steps + 1) + (p.epochs - p.adversarial_epochs) * m.images
+
+
+def _ibau(p, m):  # per round: perturbation search (a step between two predictions), then the
+    # hypergradient: the outer gradient, K vector-Jacobian products and the cross term, 2 passes each
+    search = 1 + 2 * FORWARD
+    hypergradient = 1 + 2 * (p.fixed_point_iterations + 1)
+    return p.rounds * m.images * (search + hypergradient)
+
+
+def _sau(p, m):  # per step: clean predictions of both models, PGD through both, the reference on
+    # clean and adversarial images, then the training step and the adversarial forward and backward
+    return p.rounds * m.images * (2 * FORWARD + 2 * p.adv_steps + 2 * FORWARD + 2)
+
+
+# Passes one run of each defense makes, from its resolved hyperparameters and mitigation size.
+DEFENSE_PASSES: dict[str, Callable[[object, MitigationSize], float]] = {
+    "none": lambda p, m: 0.0,
+    "clp": lambda p, m: 0.0,  # weights only
+    "bnp": lambda p, m: m.images * FORWARD,
+    "fp": _fp,
+    "anp": _anp,
+    "awm": _awm,
+    "rnp": _epochs_times(_images, "unlearn_epochs", "recover_epochs"),  # unlearning at its maximum
+    "mm-bd": _mmbd,
+    "npd": _npd,
+    "ft": _epochs_times(_images, "epochs"),
+    "fst": _epochs_times(_images, "epochs"),
+    "ft-sam": _epochs_times(_images, "epochs", per_image=2.0),  # a second pass at the perturbed weights
+    "nad": _nad,
+    "nc": _nc,
+    "pbe": _pbe,
+    "i-bau": _ibau,
+    "sau": _sau,
+}
+
+
+def defense_passes(name: str, params, mitigation: MitigationSize, warned: set[str] | None = None) -> float:
+    """Passes of one run. A defense without an entry in DEFENSE_PASSES is priced as fine-tuning for
+    its own ``epochs`` (else FALLBACK_EPOCHS) over its data, with a warning (once per name)."""
+    if name in DEFENSE_PASSES:
+        return DEFENSE_PASSES[name](params, mitigation)
+    epochs = getattr(params, "epochs", FALLBACK_EPOCHS)
+    if warned is None or name not in warned:
+        warnings.warn(f"cost: no cost model for defense {name!r}: priced as {epochs} fine-tuning epochs over its "
+                      "mitigation data (add it to bdsweep.cost.DEFENSE_PASSES)", stacklevel=2)
+        if warned is not None:
+            warned.add(name)
+    return epochs * mitigation.images
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+@dataclass
+class Plan:
+    """What a configuration asks Snakemake to build (every target file, hence every job)."""
+
+    datasets: set = field(default_factory=set)
+    pools: set = field(default_factory=set)
+    partitions: set = field(default_factory=set)
+    resources: set = field(default_factory=set)
+    poison_files: set = field(default_factory=set)
+    data_poisoning_models: set = field(default_factory=set)  # and clean models: rule train_model
+    training_time_models: set = field(default_factory=set)
+    models_with_runs: set = field(default_factory=set)
+    runs: list = field(default_factory=list)
+
+
+def plan(config: dict) -> Plan:
+    """Walk the dependencies of every run as the rule files state them."""
+    result = Plan(runs=grid.runs(config))
+    for run in result.runs:
+        model = grid.ModelKey(run["dataset"], run["architecture"], run["attack"], run["ratio"])
+        result.models_with_runs.add(model)
+        if run["mitigation"] != NO_DATA:
+            result.partitions.add((run["dataset"], run["mitigation"]))
+    for model in result.models_with_runs:
+        _add_model(result, model)
+    result.pools |= {dataset for dataset, _ in result.partitions}
+    return result
+
+
+def _add_model(result: Plan, model: grid.ModelKey) -> None:
+    result.datasets.add(model.dataset)
+    if model.attack == CLEAN:
+        result.data_poisoning_models.add(model)
+    elif grid.is_training_time(model.attack):
+        result.training_time_models.add(model)
+        result.pools.add(model.dataset)
+    else:
+        result.data_poisoning_models.add(model)
+        scope = grid.resource_scope(model.attack, model.architecture)
+        result.poison_files.add((model.dataset, scope, model.attack, model.ratio))
+        result.resources.add((model.dataset, scope, model.attack))
+        result.pools.add(model.dataset)
+        if scope != SHARED_SCOPE:  # fitted on the clean model of that architecture
+            _add_model(result, grid.ModelKey(model.dataset, scope, CLEAN, CLEAN_RATIO))
+
+
+def job_counts(config: dict, built: Plan | None = None) -> dict[str, int]:
+    """Jobs per rule, keyed by rule name, plus ``runs`` (defense runs; today one ``defend`` job each)."""
+    from .figures import FIGURES
+    from .tables import TABLES
+
+    built = built or plan(config)
+    return {
+        "prepare_dataset": len(built.datasets),
+        "reserve_pool": len(built.pools),
+        "draw_partition": len(built.partitions),
+        "attack_resource": len(built.resources),
+        "poison_dataset": len(built.poison_files),
+        "train_model": len(built.data_poisoning_models),
+        "train_model_poisoned_in_the_loop": len(built.training_time_models),
+        "defend_model": len(built.models_with_runs),
+        "runs": len(built.runs),
+        "aggregate_runs": 1,
+        "figure": len(FIGURES),
+        "summary_table": len(TABLES),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- throughput
+
+
+def read_throughput(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else DEFAULT_THROUGHPUT
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"throughput file not found: {path}") from None
+    if not isinstance(content.get("devices"), dict):
+        raise ValueError(f"throughput file {path}: expected a top-level 'devices' mapping")
+    return {"path": str(path), **content}
+
+
+class Throughput:
+    """Training images per second of one device, per (architecture, image size)."""
+
+    def __init__(self, table: dict, device: str):
+        devices = table["devices"]
+        if device not in devices:
+            raise ThroughputError(f"throughput file {table['path']} has no device {device!r} "
+                                  f"(it has: {', '.join(devices)})")
+        self.device, self.path, self.entry = device, table["path"], devices[device]
+
+    def images_per_s(self, architecture: str, size: int) -> float:
+        rate = (self.entry.get("images_per_s", {}).get(architecture) or {}).get(size)
+        if not rate:
+            raise ThroughputError(
+                f"no throughput for (architecture {architecture!r}, {size} px) on device {self.device!r} in "
+                f"{self.path}; measure it: python benchmarks/stage_costs.py --device "
+                f"{'cpu' if self.device == 'cpu' else 'cuda'} --architectures "
+                f"{architecture} --sizes {size} --name {self.device} --out {self.path}")
+        return float(rate)
+
+    def hours(self, passes: float, architecture: str, size: int) -> float:
+        return passes / self.images_per_s(architecture, size) / 3600 if passes else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- hours
+
+
+def _evaluation_passes(facts: DatasetFacts, backdoored: bool) -> float:
+    """The clean test set and (backdoored models) the backdoor test set, forward once."""
+    backdoor = facts.test * (facts.classes - 1) / facts.classes if backdoored else 0
+    return (facts.test + backdoor) * FORWARD
+
+
+def training_passes(config: dict, model: grid.ModelKey, facts: DatasetFacts) -> float:
+    recipe = resolve(Recipe, method_params(config["training"], model.dataset), "training")
+    passes = recipe.epochs * facts.train
+    if model.attack == "iab":  # its pattern generator trains in every step; its mask generator first
+        iab = resolve(ATTACKS.get("iab").params, method_params(config["attacks"]["iab"], model.dataset), "attacks.iab")
+        passes = 2 * passes + iab.mask_epochs * facts.train
+    return passes + _evaluation_passes(facts, model.attack != CLEAN)
+
+
+def resource_passes(config: dict, dataset: str, scope: str, attack: str) -> float | None:
+    """LF's perturbation: its signed-gradient steps through the clean model; others are not modelled
+    (SSBA: a small encoder, minutes) or need no GPU (patches, patterns, signals)."""
+    if attack == "lf":
+        lf = resolve(ATTACKS.get("lf").params, method_params(config["attacks"]["lf"], dataset), "attacks.lf")
+        return lf.steps * lf.batch_size
+    return None if attack == "ssba" else 0.0
+
+
+@dataclass
+class Stage:
+    stage: str
+    rule: str
+    jobs: int
+    units: float | None = None
+    unit: str = ""
+    gpu_hours: float | None = 0.0  # None: a count within the row above (defense runs)
+
+
+@dataclass
+class Estimate:
+    device: str
+    throughput_file: str
+    throughput_note: str
+    stages: list[Stage]
+    defenses: dict[str, dict]
+    total_gpu_hours: float
+    warnings: list[str]
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "stages": [dataclasses.asdict(s) for s in self.stages]}
+
+
+def estimate(config: dict, throughput: Throughput) -> Estimate:
+    built = plan(config)
+    counts = job_counts(config, built)
+    facts = {name: dataset_facts(options) for name, options in config["datasets"].items()}
+    warned: set[str] = set()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def train_hours(models):
+            passes = {m: training_passes(config, m, facts[m.dataset]) for m in models}
+            return (sum(passes.values()),
+                    sum(throughput.hours(p, m.architecture, facts[m.dataset].size) for m, p in passes.items()))
+
+        data_units, data_hours = train_hours(built.data_poisoning_models)
+        time_units, time_hours = train_hours(built.training_time_models)
+        resource = [(r, resource_passes(config, *r)) for r in built.resources]
+        unmodelled = [r for r, p in resource if p is None]
+        resource_hours = sum(throughput.hours(p, r[1], facts[r[0]].size) for r, p in resource if p)
+        defenses: dict[str, dict] = {}
+        # A run's cost depends only on these, so each distinct combination is priced once.
+        kinds = Counter((run["defense"], run["dataset"], run["architecture"], run["attack"] == CLEAN,
+                         parse_mitigation(run["mitigation"])[0]) for run in built.runs)
+        for (name, dataset, architecture, clean, spc), runs in sorted(kinds.items(), key=str):
+            params = resolve(DEFENSES.get(name).params, method_params(config["defenses"][name], dataset),
+                             f"defenses.{name}")
+            size = MitigationSize((spc or 0) * facts[dataset].classes, facts[dataset].classes)
+            passes = runs * (defense_passes(name, params, size, warned)
+                             + _evaluation_passes(facts[dataset], backdoored=not clean))
+            row = defenses.setdefault(name, {"runs": 0, "passes": 0.0, "gpu_hours": 0.0})
+            row["runs"] += runs
+            row["passes"] += passes
+            row["gpu_hours"] += throughput.hours(passes, architecture, facts[dataset].size)
+    defend_hours = sum(row["gpu_hours"] for row in defenses.values())
+    stages = [
+        Stage("data preparation", "prepare_dataset", counts["prepare_dataset"]),
+        Stage("mitigation pools", "reserve_pool", counts["reserve_pool"]),
+        Stage("mitigation partitions", "draw_partition", counts["draw_partition"]),
+        Stage("attack resources", "attack_resource", counts["attack_resource"],
+              sum(p for _, p in resource if p), "passes", resource_hours),
+        Stage("poison files", "poison_dataset", counts["poison_dataset"]),
+        Stage("models, data poisoning + clean", "train_model", counts["train_model"], data_units, "passes",
+              data_hours),
+        Stage("models, training-time attacks", "train_model_poisoned_in_the_loop",
+              counts["train_model_poisoned_in_the_loop"], time_units, "passes", time_hours),
+        Stage("defend (one job per model)", "defend_model", counts["defend_model"],
+              sum(row["passes"] for row in defenses.values()), "passes", defend_hours),
+        Stage("  defense runs", "runs", counts["runs"], counts["runs"], "runs", None),
+        Stage("aggregate", "aggregate_runs", counts["aggregate_runs"]),
+        Stage("figures", "figure", counts["figure"]),
+        Stage("summary tables", "summary_table", counts["summary_table"]),
+    ]
+    notes = [str(w.message) for w in caught]
+    if unmodelled:
+        notes.append("not modelled (excluded from resources and the total): the SSBA encoder's training, "
+                     f"{len(unmodelled)} resource job(s); minutes each on a GPU")
+    total = resource_hours + data_hours + time_hours + defend_hours
+    return Estimate(throughput.device, throughput.path, throughput.entry.get("note", ""), stages, defenses, total,
+                    notes)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _hours(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2g}" if value else "0"
+
+
+def _units(value: float | None, unit: str) -> str:
+    if not unit:
+        return ""
+    return f"{value:,.0f} runs" if unit == "runs" else f"{value:.2e} {unit}"
+
+
+def format_estimate(result: Estimate) -> str:
+    lines = [f"device {result.device!r} from {result.throughput_file}",
+             *([f"  ({result.throughput_note.strip()})"] if result.throughput_note else []), "",
+             f"{'stage':34} {'rule':34} {'jobs':>9} {'work':>20} {'GPU hours':>10}"]
+    for s in result.stages:
+        hours = "" if s.unit == "runs" else _hours(s.gpu_hours)
+        lines.append(f"{s.stage:34} {s.rule:34} {s.jobs:>9,} {_units(s.units, s.unit):>20} {hours:>10}")
+    lines += [f"{'total':34} {'':34} {'':>9} {'':>20} {_hours(result.total_gpu_hours):>10}", "",
+              f"{'defense':10} {'runs':>9} {'passes':>10} {'GPU hours':>10}"]
+    for name, row in sorted(result.defenses.items(), key=lambda item: -item[1]["gpu_hours"]):
+        lines.append(f"{name:10} {row['runs']:>9,} {row['passes']:>10.2e} {_hours(row['gpu_hours']):>10}")
+    lines += ["", "passes: images through the model forward and backward (a forward alone = 1/3); "
+              "hours = passes / the device's training images per second", *(f"note: {w}" for w in result.warnings)]
+    return "\n".join(lines)
