@@ -1,0 +1,127 @@
+"""The project's SLURM profile against a real SLURM cluster: a small variant of the demo runs
+through sbatch with workflow/profiles/slurm and gives the same results table as a local run.
+
+Skipped where no SLURM cluster answers. On one machine (as root), ../shared/slurm/local-cluster.sh
+start brings up a one-node cluster (partition "main", no accounting database); .ci/run does so."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
+# Targets: the table, and one figure and one summary table so the grouped report job runs too.
+TARGETS = ["results/table/runs.parquet", "results/figures/fig6_boxplots.png", "results/tables/medians.csv"]
+# What a run measures about its machine rather than computes.
+MEASURED_COLUMNS = ["wall_time_s", "peak_memory_bytes", "peak_memory_kind"]
+# The test cluster's node: no GPU, a few GB per job at most.
+TEST_NODE_MEM_MB = 2000
+
+
+def cluster_problem() -> str | None:
+    """Why no SLURM cluster can run the test, or None when one answers."""
+    for command in ("sbatch", "squeue", "sinfo"):
+        if shutil.which(command) is None:
+            return f"`{command}` is not installed (start one with ../shared/slurm/local-cluster.sh start)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 30 s"
+    if not re.search(r"^(idle|mixed|allocated)", states, re.MULTILINE):
+        return f"no SLURM node is up (sinfo states: {states.split() or 'none'})"
+    return None
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))]
+
+
+def small_config() -> dict:
+    """The demo at its smallest: two attacks and the clean model, three defenses, one partition."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["device"] = "cpu"
+    config["datasets"]["digits"]["image_size"] = 16
+    config["attacks"] = {"badnets": {}, "sig": {}}
+    config["defenses"]["ft"]["epochs"] = 2
+    config["mitigation"]["spc"] = [2]
+    config["training"]["epochs"] = 3
+    config["sanity"] = {"min_acc": 0.0, "min_asr": 0.0}  # three epochs need not pass the gates
+    return config
+
+
+def profile_for_test_cluster(cluster_node_mem_mb: int) -> dict:
+    """The project's SLURM profile for the test cluster: its GPU requests dropped (the node has
+    none) and memory requests capped to what the node has; everything else as committed."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    for resources in [profile["resources"], profile["default-resources"], *profile["set-resources"].values()]:
+        for gpu_request in ("gpu", "gres", "gpu_model"):
+            resources.pop(gpu_request, None)
+        if "mem_mb" in resources:
+            resources["mem_mb"] = min(resources["mem_mb"], cluster_node_mem_mb)
+    return profile
+
+
+def start_snakemake(workdir, *args) -> subprocess.Popen:
+    """Snakemake on ``TARGETS`` in ``workdir``, its output into ``workdir/snakemake.out``."""
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), *args, *TARGETS]
+    with open(workdir / "snakemake.out", "w") as output:
+        return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+
+
+def finished(process: subprocess.Popen, workdir) -> str:
+    process.wait()
+    output = (workdir / "snakemake.out").read_text()
+    assert process.returncode == 0, output[-20000:]
+    return output
+
+
+def results_table(workdir) -> pd.DataFrame:
+    table = pd.read_parquet(workdir / "results" / "table" / "runs.parquet").drop(columns=MEASURED_COLUMNS)
+    return table.sort_values("path").reset_index(drop=True)
+
+
+def test_the_slurm_profile_runs_the_workflow_on_slurm_with_the_results_of_a_local_run(tmp_path):
+    config = yaml.safe_dump(small_config())
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    for workdir in (on_slurm, local):
+        workdir.mkdir()
+        (workdir / "config.yaml").write_text(config)
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(yaml.safe_dump(profile_for_test_cluster(TEST_NODE_MEM_MB)))
+
+    # No accounting database on the test cluster: no account, and squeue instead of sacct.
+    # The local run goes meanwhile: the SLURM run spends most of its time waiting for the queue.
+    slurm_run = start_snakemake(on_slurm, "--profile", str(profile), "--slurm-no-account",
+                                "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2")
+    try:
+        finished(start_snakemake(local, "--cores", "1"), local)
+        log = finished(slurm_run, on_slurm)
+    finally:
+        if slurm_run.poll() is None:  # the local run failed: stop, and so cancel, the SLURM run's jobs
+            slurm_run.terminate()
+            slurm_run.wait()
+
+    submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/(\w+)", log)
+    assert "rule_train_model" in submitted and "group_report_figure_summary_table" in submitted, submitted
+    # The grouped small CPU jobs share cluster jobs: one for the data stage, one for both
+    # poisoned sets, one for the figure and the summary table.
+    assert submitted.count("group_data_draw_partition_prepare_dataset_reserve_pool") == 1
+    assert submitted.count("group_poison_poison_dataset") == 1
+    assert submitted.count("group_report_figure_summary_table") == 1
+
+    table = results_table(on_slurm)
+    assert len(table) == 3 * 3 and (table["status"] == "ok").all()  # (badnets, sig, clean) x (none, FT, CLP)
+    pd.testing.assert_frame_equal(table, results_table(local))
+    for target in TARGETS[1:]:
+        assert (on_slurm / target).stat().st_size > 0
