@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from ..params import as_dict, resolve, scale_batch_sizes, stable_hash, stable_se
 from ..provenance import device_name, peak_memory, reset_peak_memory, versions
 from ..registry import DEFENSES
 from ..results import SCHEMA_VERSION
-from ..resume import RetryWithLess
+from ..resume import Checkpoint, Preempted, RetryWithLess, defense_checkpoints, fingerprint
 
 NON_FINITE = "non-finite weights after defense"
 
@@ -61,21 +63,24 @@ def mitigation_data(data: PreparedDataset, indices: np.ndarray | None, device: t
     )
 
 
-def run_defense(defense, model, data: MitigationData, params, device) -> dict:
-    """Call the defense; turn exceptions and non-finite weights into a failed status."""
+def run_defense(defense, model, data: MitigationData, params, device, checkpoint: Checkpoint | None = None) -> dict:
+    """Call the defense; turn exceptions and non-finite weights into a failed status. With a
+    checkpoint, the defense saves its phases there and SIGTERM stops it with Preempted (a rerun
+    resumes)."""
     reset_peak_memory(device)
     started = time.perf_counter()
     outcome = {"status": "ok", "reason": None, "details": {}, "model": None}
     try:
-        result = defense.run(model, data, params, device)
+        with defense_checkpoints(checkpoint) if checkpoint is not None else nullcontext():
+            result = defense.run(model, data, params, device)
         if isinstance(result, Defended):
             result, outcome["details"] = result.model, result.details
         if not all(torch.isfinite(t).all() for t in result.state_dict().values() if t.is_floating_point()):
             outcome.update(status="failed", reason=NON_FINITE)
         else:
             outcome["model"] = result
-    except torch.OutOfMemoryError:
-        raise  # not a result of the defense: the job fails, and its retry asks for smaller batches
+    except (torch.OutOfMemoryError, Preempted):
+        raise  # not a result of the defense: the job stops, and its retry resumes or asks for smaller batches
     except Exception as error:  # a defense's failure is a result, recorded with its reason
         outcome.update(status="failed", reason=f"{type(error).__name__}: {error}",
                        details={"traceback": traceback.format_exc(limit=5)})
@@ -84,6 +89,13 @@ def run_defense(defense, model, data: MitigationData, params, device) -> dict:
     outcome["wall_time_s"] = time.perf_counter() - started
     outcome.update(peak_memory(device))
     return outcome
+
+
+def defense_checkpoint(args) -> Checkpoint:
+    """Beside the run file, tied to the arguments (not the output path or device) and the inputs."""
+    arguments = {key: value for key, value in vars(args).items() if key not in ("out", "device", "handler")}
+    inputs = [args.model, Path(args.data) / "meta.json", *([args.partition] if args.partition else [])]
+    return Checkpoint(Path(args.out).with_suffix(".ckpt"), fingerprint(arguments, inputs))
 
 
 def main(args):
@@ -100,8 +112,10 @@ def main(args):
     data = PreparedDataset(args.data)
     indices = read_npy(args.partition, "partition") if defense.needs_data else None
     torch.manual_seed(stable_seed("defend", args.defense, json.dumps(args.coordinates, sort_keys=True)))
+    checkpoint = defense_checkpoint(args)
     try:
-        outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
+        outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device,
+                              checkpoint)
     except torch.OutOfMemoryError as error:
         raise RetryWithLess(f"defense {args.defense!r} ran out of device memory at {args.batch_percent} % of its batch "
                           f"sizes ({error}); no run file written. The workflow retries with half the batch "
@@ -142,3 +156,4 @@ def main(args):
         "model_sanity": model_record["sanity"],
         "versions": versions(),
     })
+    checkpoint.remove()  # the run file is written: the checkpoint has served its purpose
