@@ -31,6 +31,15 @@ SMALL = {
     "nad": {"teacher_epochs": 2, "epochs": 3, "batch_size": 8},  # 4 batches per epoch on 32 images
     "i-bau": {"rounds": 3, "batch_size": 16, "fixed_point_iterations": 2},  # 2 batches per round
     "anp": {"iterations": 6, "batch_size": 16},  # 28 images to fit on: 2 updates per pass
+    # two groups of 2 classes, 3 epochs of 2 batches each; 2 unlearning epochs if a class is flagged
+    "nc": {"epochs": 3, "batch_size": 16, "classes_per_pass": 2, "patience": 1, "unlearn_epochs": 2,
+           "unlearn_batch_size": 8},
+    "sau": {"rounds": 2, "adv_steps": 1, "batch_size": 16},
+    "pbe": {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 1, "batch_size": 16},
+    "ft-sam": {"epochs": 2, "batch_size": 16},
+    "fst": {"epochs": 2, "batch_size": 16},
+    "fp": {"epochs": 2, "batch_size": 16},
+    "ft": {"epochs": 2, "batch_size": 16},
 }
 
 
@@ -49,14 +58,15 @@ class SigtermAt:
 
 def count_steps(monkeypatch, name, stop_at=None) -> SigtermAt:
     """Count a defense's steps where they can be counted, optionally sending SIGTERM at one: the
-    engine's per-batch autocast (only train() calls it by that name), i-BAU's per-batch
-    hypergradient, ANP's masked forward passes (three per mask update)."""
+    engine's per-batch autocast (only train() calls it by that name; the default), i-BAU's per-batch
+    hypergradient, ANP's masked forward passes (three per mask update), NC's trigger-search batches."""
     import bdsweep.defenses.anp as anp
     import bdsweep.defenses.ibau as ibau
+    import bdsweep.defenses.nc as nc
 
     DEFENSES.entries()  # import every defense first, so none binds the counter in place of engine.autocast
-    owner, attribute = {"nad": (engine, "autocast"), "ft": (engine, "autocast"),
-                        "i-bau": (ibau, "implicit_hypergradient"), "anp": (anp, "functional_call")}[name]
+    owner, attribute = {"i-bau": (ibau, "implicit_hypergradient"), "anp": (anp, "functional_call"),
+                        "nc": (nc, "autocast")}.get(name, (engine, "autocast"))
     counter = SigtermAt(getattr(owner, attribute), stop_at)
     monkeypatch.setattr(owner, attribute, counter)
     return counter
@@ -85,6 +95,9 @@ def same_weights(a, b) -> bool:
     # 6 updates of 3 forward passes, 2 updates a pass: SIGTERM in update 3, saved after the 2nd
     # pass (update 4); the rerun makes updates 5 and 6
     ("anp", 2 * 3 + 1, ["ANP masks"], 2 * 3),
+    # 2 groups x 3 epochs x 2 batches: SIGTERM in epoch 2 of group 2, saved after it; the rerun
+    # restores group 1 and does group 2's last epoch
+    ("nc", 2 * 3 + 3, ["NC trigger search, classes 0-1", "NC trigger search, classes 2-3"], 2),
 ])
 def test_sigterm_mid_defense_saves_and_the_rerun_matches_an_uninterrupted_run(
         tmp_path, monkeypatch, name, stop_at, phases, left):
@@ -105,6 +118,22 @@ def test_sigterm_mid_defense_saves_and_the_rerun_matches_an_uninterrupted_run(
     assert resumed["status"] == "ok" and same_weights(resumed_model, reference_model)
     assert resumed["details"] == reference["details"]
     assert steps.calls == left  # finished work is restored, not recomputed
+
+
+@pytest.mark.parametrize("name", ["nad", "sau", "pbe", "ft-sam", "fst", "fp", "ft", "i-bau", "anp", "nc"])
+def test_a_rerun_after_the_last_phase_restores_everything_the_defense_reports(tmp_path, monkeypatch, name):
+    """SIGTERM after the last phase (e.g. during the final evaluation) leaves every phase finished in
+    the checkpoint: the rerun trains nothing and reports what the uninterrupted run reported, so the
+    hooks' and loops' records (per-epoch lists, last-round summaries, accumulators) are in the state."""
+    reference, reference_model = defend_directly(name)
+    checkpoint = Checkpoint(tmp_path / "run.ckpt", "job-a")
+    first, _ = defend_directly(name, checkpoint)
+    assert first["details"] == reference["details"]  # checkpointing itself changes nothing
+    counters = [count_steps(monkeypatch, name), count_steps(monkeypatch, "ft")]  # own loop, engine
+    replayed, replayed_model = defend_directly(name, checkpoint)
+    assert [counter.calls for counter in counters] == [0, 0]
+    assert replayed["status"] == "ok" and replayed["details"] == reference["details"]
+    assert same_weights(replayed_model, reference_model)
 
 
 def test_a_checkpoint_of_another_job_is_ignored(tmp_path, monkeypatch, capsys):

@@ -188,8 +188,8 @@ class BatchHook:
     def checkpoint_state(self) -> dict:
         return object_state(self)
 
-    def restore_checkpoint(self, state: dict) -> None:
-        load_object_state(self, state)
+    def restore_checkpoint(self, state: dict, device: torch.device | None = None) -> None:
+        load_object_state(self, state, device)
 
 
 @dataclass(frozen=True)
@@ -249,7 +249,7 @@ class TrainingLoop:
         self.curve = list(state["curve"])
         set_global_rng_state(state["global_rng"])
         if self.hook is not None:
-            self.hook.restore_checkpoint(state["hook"])
+            self.hook.restore_checkpoint(state["hook"], device)
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, options: EngineOptions) -> nn.Module:

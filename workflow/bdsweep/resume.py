@@ -83,14 +83,19 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def _is_number_list(value) -> bool:
-    return isinstance(value, list) and all(isinstance(item, (bool, int, float)) for item in value)
+def _is_numbers(value) -> bool:
+    """A number, or a list or string-keyed dict of numbers (per-epoch records, last-round summaries)."""
+    if isinstance(value, list):
+        return all(isinstance(item, (bool, int, float)) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and isinstance(item, (bool, int, float)) for key, item in value.items())
+    return isinstance(value, (bool, int, float))
 
 
 def object_state(obj) -> dict:
     """The resumable state of an object's attributes: modules, optimisers and schedulers through
     their state dicts, random generators through their states, tensors (accumulators, masks),
-    numbers and lists of numbers (per-epoch records) as they are."""
+    numbers and lists or dicts of numbers (per-epoch records) as they are."""
     state = {}
     for name, value in vars(obj).items():
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
@@ -99,16 +104,18 @@ def object_state(obj) -> dict:
             state[name] = value.get_state()
         elif isinstance(value, torch.Tensor):
             state[name] = value.detach()
-        elif isinstance(value, (bool, int, float)) or _is_number_list(value):
+        elif _is_numbers(value):
             state[name] = value
     return state
 
 
-def load_object_state(obj, state: dict) -> None:
+def load_object_state(obj, state: dict, device: torch.device | None = None) -> None:
     """Put back what :func:`object_state` captured. Tensors are copied into the existing ones where
-    shapes agree, so whatever refers to them (an optimiser, a closure) sees the restored values."""
+    shapes agree, so whatever refers to them (an optimiser, a closure) sees the restored values; a
+    tensor in place of a non-tensor (an attribute set lazily, e.g. an accumulator that starts as
+    None) goes to ``device``."""
     for name, saved in state.items():
-        value = getattr(obj, name)
+        value = getattr(obj, name, None)  # None: set only after the object was made
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             value.load_state_dict(saved)
         elif isinstance(value, torch.Generator):
@@ -119,8 +126,10 @@ def load_object_state(obj, state: dict) -> None:
                     value.copy_(saved)
             else:
                 setattr(obj, name, saved.to(value.device))
+        elif isinstance(saved, torch.Tensor):
+            setattr(obj, name, saved if device is None else saved.to(device))
         else:
-            setattr(obj, name, list(saved) if isinstance(saved, list) else saved)
+            setattr(obj, name, type(saved)(saved) if isinstance(saved, (list, dict)) else saved)
 
 
 def global_rng_state() -> dict:
@@ -263,7 +272,7 @@ class LoopCheckpoint:
 def loop_checkpoint(label: str, progress) -> Iterator[LoopCheckpoint]:
     """Make an own loop a phase of the active defense checkpoint. ``progress`` is an object holding
     everything the loop changes (see :func:`object_state`: modules, optimisers, generators,
-    tensors, numbers, lists of numbers, e.g. the iteration count); a saved phase is put back into
+    tensors, numbers, lists or dicts of numbers, e.g. the iteration count); a saved phase is put back into
     it on entry. The loop calls ``boundary()`` after each iteration. Outside a defense checkpoint
     this does nothing, and the loop runs as it would without it."""
     phase = defense_phase(label)
