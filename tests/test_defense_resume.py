@@ -262,14 +262,15 @@ def test_the_engine_names_the_first_non_finite_batch_and_the_gradients_stay_fini
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_the_own_loops_report_a_non_finite_loss(monkeypatch):
-    """i-BAU and ANP check their losses with the engine's LossWatch: a NaN makes the defense raise."""
-    import bdsweep.defenses.anp as anp
-
+@pytest.mark.parametrize("name, where", [("anp", "ANP mask update 1"), ("i-bau", "i-BAU round 1, batch 1"),
+                                         ("nc", "NC trigger search, classes 0-1, epoch 1")])
+def test_the_own_loops_report_a_non_finite_loss(monkeypatch, name, where):
+    """The own loops check their losses with the engine's LossWatch: a NaN makes the defense fail."""
     cross_entropy = F.cross_entropy
-    monkeypatch.setattr(anp.F, "cross_entropy", lambda *args, **kwargs: cross_entropy(*args, **kwargs) * np.nan)
-    outcome, _ = defend_directly("anp")
-    assert outcome["status"] == "failed" and "non-finite loss (NaN or inf) in ANP mask update 1" in outcome["reason"]
+    monkeypatch.setattr(F, "cross_entropy", lambda *args, **kwargs: cross_entropy(*args, **kwargs) * np.nan)
+    outcome, _ = defend_directly(name)
+    assert outcome["status"] == "failed"
+    assert outcome["reason"] == f"NonFiniteLoss: non-finite loss (NaN or inf) in {where}"
 
 
 def test_training_a_model_with_a_nan_loss_fails_with_a_clear_error(prepared, tmp_path, monkeypatch, capsys):

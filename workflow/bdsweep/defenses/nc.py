@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine import BatchHook, Recipe, autocast, train
+from ..engine import BatchHook, LossWatch, Recipe, autocast, train
 from ..params import check_ranges
 from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
@@ -122,7 +122,7 @@ class TriggerSearch:
         self.active, self.epochs_run = torch.ones(k, dtype=torch.bool, device=device), torch.zeros(k, dtype=torch.long)
         self.epoch = 0
 
-    def run_epoch(self, model, data, targets: torch.Tensor, params: NCParams) -> None:
+    def run_epoch(self, model, data, targets: torch.Tensor, params: NCParams, watch: LossWatch) -> None:
         k, device = len(targets), data.images.device
         raw_mask, raw_pattern, optimiser = self.raw_mask, self.raw_pattern, self.optimiser
         hits, norm_sum, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
@@ -135,8 +135,10 @@ class TriggerSearch:
             wanted = targets.repeat_interleave(len(x))
             cross_entropy = F.cross_entropy(logits, wanted, reduction="none").view(k, -1).mean(1)
             norms = mask.flatten(1).sum(1)
+            objective = (cross_entropy + self.cost * norms).sum()  # classes are independent: each gets its own gradient
+            watch.observe(objective, self.epoch)
             optimiser.zero_grad(set_to_none=True)
-            (cross_entropy + self.cost * norms).sum().backward()  # classes are independent: each gets its own gradient
+            objective.backward()
             optimiser.step()
             hits += (logits.argmax(1) == wanted).view(k, -1).float().sum(1).detach()
             norm_sum, steps = norm_sum + norms.detach(), steps + 1
@@ -165,6 +167,7 @@ class TriggerSearch:
         self.cost = torch.where(lower_cost, cost / params.cost_multiplier ** 1.5, cost)
         self.up, self.down = torch.where(raise_cost, 0, up), torch.where(lower_cost, 0, down)
         self.moved_up, self.moved_down = self.moved_up | raise_cost, self.moved_down | lower_cost
+        watch.check()
         self.epoch += 1
 
 
@@ -173,9 +176,10 @@ def reverse_engineer(model, data, classes: list[int], params: NCParams, generato
     search = TriggerSearch(len(classes), data.image_size, params, generator, data.images.device)
     targets = torch.tensor(classes, device=data.images.device)
     label = f"NC trigger search, classes {classes[0]}-{classes[-1]}"
+    watch = LossWatch(data.images.device, lambda epoch: f"{label}, epoch {epoch + 1}")
     with loop_checkpoint(label, search) as checkpoint:  # saved between epochs
         while search.epoch < params.epochs and search.active.any():
-            search.run_epoch(model, data, targets, params)
+            search.run_epoch(model, data, targets, params, watch)
             checkpoint.boundary(finished=search.epoch == params.epochs or not search.active.any())
     never = ~torch.isfinite(search.best_norm)  # never reached the threshold: keep the last trigger
     best_mask = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(search.raw_mask).detach(), search.best_mask)
