@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from .resume import (
     Checkpoint,
+    PhaseCheckpoint,
     Preempted,
+    defense_phase,
     global_rng_state,
     load_object_state,
     object_state,
@@ -128,6 +131,28 @@ def augment_batch(batch: torch.Tensor, padding: int, hflip: bool, generator: tor
     return batch
 
 
+class NonFiniteLoss(ValueError):
+    """A loss became NaN or infinite: what the loop learns from then on is meaningless."""
+
+
+class LossWatch:
+    """Notices a non-finite loss without a host sync per step: each step's verdict stays on the
+    device (the first bad step's number), and :meth:`check` reads it where the loop syncs anyway
+    (an epoch's end, a checkpoint). ``where(step)`` names a step for the error message."""
+
+    def __init__(self, device: torch.device, where: Callable[[int], str]):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.where = where
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.first_bad.masked_fill_(bad & (self.first_bad < 0), step)
+
+    def check(self) -> None:
+        if (step := int(self.first_bad)) >= 0:
+            raise NonFiniteLoss(f"non-finite loss (NaN or inf) in {self.where(step)}")
+
+
 class BatchHook:
     """How a party other than plain cross-entropy takes part in each training batch: a
     training-time attack (poisons the batch) or a defense (adversarial examples, a regulariser,
@@ -163,8 +188,8 @@ class BatchHook:
     def checkpoint_state(self) -> dict:
         return object_state(self)
 
-    def restore_checkpoint(self, state: dict) -> None:
-        load_object_state(self, state)
+    def restore_checkpoint(self, state: dict, device: torch.device | None = None) -> None:
+        load_object_state(self, state, device)
 
 
 @dataclass(frozen=True)
@@ -224,7 +249,7 @@ class TrainingLoop:
         self.curve = list(state["curve"])
         set_global_rng_state(state["global_rng"])
         if self.hook is not None:
-            self.hook.restore_checkpoint(state["hook"])
+            self.hook.restore_checkpoint(state["hook"], device)
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, options: EngineOptions) -> nn.Module:
@@ -248,18 +273,23 @@ def train(
     hook: BatchHook | None = None,
     progress: bool | None = None,
     options: EngineOptions = EngineOptions(),
-    checkpoint: Checkpoint | None = None,
+    checkpoint: Checkpoint | PhaseCheckpoint | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on uint8 NHWC ``images`` (already on the model's device).
 
     ``hook`` is an attack's or a defense's part in each batch (see :class:`BatchHook`). With a
     ``checkpoint``, training resumes from it when it holds this job's state, saves it every
     ``options.checkpoint_every`` epochs and at the end, and on SIGTERM saves it after the current
-    batch and raises :class:`Preempted`. Returns the per-epoch curve (loss, accuracy, learning
-    rate, wall-clock seconds; an epoch cut by preemption counts only its resumed part)."""
+    batch and raises :class:`Preempted`. Inside a defense checkpoint (``resume.defense_checkpoints``)
+    a call without a checkpoint is that checkpoint's next phase. A non-finite objective raises
+    :class:`NonFiniteLoss` at the end of its epoch (or at the next checkpoint), naming the batch.
+    Returns the per-epoch curve (loss, accuracy, learning rate, wall-clock seconds; an epoch cut by
+    preemption counts only its resumed part)."""
     from tqdm.auto import tqdm
 
     device = images.device
+    if checkpoint is None:
+        checkpoint = defense_phase(description)
     loop = TrainingLoop(model, recipe, seed, device, hook)
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         loop.restore(saved)
@@ -267,6 +297,7 @@ def train(
     channels_last = options.channels_last and device.type == "cuda"
     n, size = len(labels), recipe.batch_size
     batches = batch_count(n, size)
+    watch = LossWatch(device, lambda step: f"{description}, epoch {step // batches + 1}, batch {step % batches + 1}")
     model.train()
     bar = tqdm(range(loop.epoch, recipe.epochs), desc=description, initial=loop.epoch, total=recipe.epochs,
                disable=(not progress) if progress is not None else None)
@@ -291,6 +322,7 @@ def train(
                     objective = loss if hook is None else hook.loss(x, y, logits, loss)
                     if extra_loss is not None:
                         objective = objective + extra_loss
+                watch.observe(objective, loop.epoch * batches + loop.batch)
                 loop.optimiser.zero_grad(set_to_none=True)
                 objective.backward()
                 if hook is not None:
@@ -302,8 +334,10 @@ def train(
                 loop.correct += (logits.argmax(1) == y).sum()
                 loop.batch += 1
                 if preempted():
+                    watch.check()  # a checkpoint never holds what a non-finite loss made
                     checkpoint.save(loop.state())
                     raise Preempted(f"stopped by SIGTERM in epoch {epoch + 1}; resume from {checkpoint.path}")
+            watch.check()
             lr = loop.optimiser.param_groups[0]["lr"]
             if loop.scheduler is not None:
                 loop.scheduler.step()

@@ -2,6 +2,11 @@
 when SLURM preempts the job (SIGTERM), so that a rerun resumes where the job stopped and reaches
 the same weights as an uninterrupted run.
 
+A defense is checkpointed by phases (:func:`defense_checkpoints`): every ``engine.train`` call and
+every own loop that opts in (:func:`loop_checkpoint`) is the next phase of one checkpoint file. A
+rerun replays the defense from its start; a finished phase restores its final state at once, the
+interrupted one resumes, and so the replay reaches the state of an uninterrupted run.
+
 A checkpoint is tied to its job by a fingerprint of everything the training depends on (arguments
 and input files); one left over from another job, or one that cannot be read, is ignored with a
 warning and training starts over: a checkpoint is a cache, never an input. Files load with
@@ -18,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +36,7 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a job killed by SIGTERM would r
 
 
 class Preempted(Exception):
-    """SIGTERM arrived during training; the checkpoint holds the state to resume from."""
+    """SIGTERM arrived during training or a defense; the checkpoint holds the state to resume from."""
 
 
 RETRY_EXIT_CODE = 75  # EX_TEMPFAIL: the job failed for a reason its retry can avoid
@@ -77,30 +83,53 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def _is_numbers(value) -> bool:
+    """A number, or a list or string-keyed dict of numbers (per-epoch records, last-round summaries)."""
+    if isinstance(value, list):
+        return all(isinstance(item, (bool, int, float)) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and isinstance(item, (bool, int, float)) for key, item in value.items())
+    return isinstance(value, (bool, int, float))
+
+
 def object_state(obj) -> dict:
     """The resumable state of an object's attributes: modules, optimisers and schedulers through
-    their state dicts, random generators through their states, numbers as they are."""
+    their state dicts, random generators through their states, tensors (accumulators, masks),
+    numbers and lists or dicts of numbers (per-epoch records) as they are."""
     state = {}
     for name, value in vars(obj).items():
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             state[name] = value.state_dict()
         elif isinstance(value, torch.Generator):
             state[name] = value.get_state()
-        elif isinstance(value, (bool, int, float)):
+        elif isinstance(value, torch.Tensor):
+            state[name] = value.detach()
+        elif _is_numbers(value):
             state[name] = value
     return state
 
 
-def load_object_state(obj, state: dict) -> None:
-    """Put back what :func:`object_state` captured."""
+def load_object_state(obj, state: dict, device: torch.device | None = None) -> None:
+    """Put back what :func:`object_state` captured. Tensors are copied into the existing ones where
+    shapes agree, so whatever refers to them (an optimiser, a closure) sees the restored values; a
+    tensor in place of a non-tensor (an attribute set lazily, e.g. an accumulator that starts as
+    None) goes to ``device``."""
     for name, saved in state.items():
-        value = getattr(obj, name)
+        value = getattr(obj, name, None)  # None: set only after the object was made
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             value.load_state_dict(saved)
         elif isinstance(value, torch.Generator):
             value.set_state(saved)
+        elif isinstance(value, torch.Tensor) and isinstance(saved, torch.Tensor):
+            if value.shape == saved.shape and value.dtype == saved.dtype:
+                with torch.no_grad():
+                    value.copy_(saved)
+            else:
+                setattr(obj, name, saved.to(value.device))
+        elif isinstance(saved, torch.Tensor):
+            setattr(obj, name, saved if device is None else saved.to(device))
         else:
-            setattr(obj, name, saved)
+            setattr(obj, name, type(saved)(saved) if isinstance(saved, (list, dict)) else saved)
 
 
 def global_rng_state() -> dict:
@@ -130,3 +159,128 @@ def sigterm_requests() -> Iterator[Callable[[], bool]]:
         yield received.is_set
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _detached_copy(state):
+    """A CPU copy of a nested state: state dicts hold the live tensors, which later phases change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _detached_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_detached_copy(value) for value in state)
+    return state
+
+
+class DefenseSession:
+    """The phases of one defense run, kept in one checkpoint file: {phase number: (label, state)}."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        saved = checkpoint.load()
+        self.phases: dict[int, dict] = dict(saved["phases"]) if saved and "phases" in saved else {}
+        self.next_phase = 0
+
+    def phase(self, label: str) -> PhaseCheckpoint:
+        number, self.next_phase = self.next_phase, self.next_phase + 1
+        return PhaseCheckpoint(self, number, label)
+
+    def save(self, number: int, label: str, state: dict) -> None:
+        self.phases[number] = {"label": label, "state": _detached_copy(state)}
+        self.checkpoint.save({"phases": self.phases})
+
+
+@dataclass(frozen=True)
+class PhaseCheckpoint:
+    """One phase's part of a defense checkpoint, with the interface of :class:`Checkpoint` that
+    ``engine.train`` uses (``load``, ``save``, ``path``)."""
+
+    session: DefenseSession
+    number: int
+    label: str
+
+    @property
+    def path(self) -> Path:
+        return self.session.checkpoint.path
+
+    def load(self) -> dict | None:
+        saved = self.session.phases.get(self.number)
+        if saved is None:
+            return None
+        if saved["label"] != self.label:  # the defense's code changed between the runs
+            print(f"bdsweep: ignoring phase {self.number} of {self.path}: it was {saved['label']!r}, "
+                  f"now {self.label!r}", file=sys.stderr)
+            return None
+        return saved["state"]
+
+    def save(self, state: dict) -> None:
+        self.session.save(self.number, self.label, state)
+
+
+_active_session: ContextVar[DefenseSession | None] = ContextVar("bdsweep_defense_session", default=None)
+
+
+def _stop_between_checkpoints(signum, frame):
+    raise Preempted("stopped by SIGTERM outside a checkpointed loop; the rerun resumes from the last "
+                    "checkpointed phase")
+
+
+@contextmanager
+def defense_checkpoints(checkpoint: Checkpoint) -> Iterator[DefenseSession]:
+    """While active, every ``engine.train`` call without its own checkpoint, and every
+    :func:`loop_checkpoint`, is the next phase of ``checkpoint``. SIGTERM inside a phase saves it
+    and raises :class:`Preempted` after the current step; elsewhere (code between phases, or an
+    own loop that does not checkpoint) it raises :class:`Preempted` at once, and the rerun
+    repeats that part."""
+    session = DefenseSession(checkpoint)
+    token = _active_session.set(session)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_between_checkpoints) if main_thread else None
+    try:
+        yield session
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        _active_session.reset(token)
+
+
+def defense_phase(label: str) -> PhaseCheckpoint | None:
+    """The next phase of the active defense checkpoint; None outside :func:`defense_checkpoints`."""
+    session = _active_session.get()
+    return None if session is None else session.phase(label)
+
+
+class LoopCheckpoint:
+    """An own optimisation loop's phase of the defense checkpoint (see :func:`loop_checkpoint`)."""
+
+    def __init__(self, phase: PhaseCheckpoint | None, progress, preempted: Callable[[], bool]):
+        self.phase, self.progress, self.preempted = phase, progress, preempted
+
+    def boundary(self, finished: bool = False) -> None:
+        """Call where the loop's state is whole (after an iteration). Saves it when the loop has
+        finished (so a replay restores it at once) or SIGTERM has arrived; then stops on SIGTERM."""
+        if self.phase is None:
+            return
+        stop = self.preempted()
+        if finished or stop:
+            self.phase.save({"progress": object_state(self.progress), "global_rng": global_rng_state()})
+        if stop:
+            raise Preempted(f"stopped by SIGTERM in {self.phase.label}; resume from {self.phase.path}")
+
+
+@contextmanager
+def loop_checkpoint(label: str, progress) -> Iterator[LoopCheckpoint]:
+    """Make an own loop a phase of the active defense checkpoint. ``progress`` is an object holding
+    everything the loop changes (see :func:`object_state`: modules, optimisers, generators,
+    tensors, numbers, lists or dicts of numbers, e.g. the iteration count); a saved phase is put back into
+    it on entry. The loop calls ``boundary()`` after each iteration. Outside a defense checkpoint
+    this does nothing, and the loop runs as it would without it."""
+    phase = defense_phase(label)
+    if phase is None:
+        yield LoopCheckpoint(None, progress, lambda: False)
+        return
+    if (saved := phase.load()) is not None:
+        load_object_state(progress, saved["progress"])
+        set_global_rng_state(saved["global_rng"])
+    with sigterm_requests() as preempted:
+        yield LoopCheckpoint(phase, progress, preempted)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..engine import autocast
+from ..engine import LossWatch, autocast
 from ..models import batch_norms
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, split_held_out
 
@@ -81,6 +82,16 @@ class NeuronMasks:
             return functional_call(self.model, overrides, (x,)).float()
 
 
+class Progress:
+    """Everything the mask optimisation changes (the model's weights stay as they are): what a
+    checkpoint between passes holds. The tensors are the masks' own, restored in place."""
+
+    def __init__(self, masks: NeuronMasks, optimiser: torch.optim.Optimizer, generator: torch.Generator):
+        self.mask, self.noise_scale, self.noise_shift = masks.mask, masks.noise_scale, masks.noise_shift
+        self.optimiser, self.generator = optimiser, generator
+        self.updates = 0
+
+
 def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_statistics: bool) -> int:
     """The ANP min-max optimisation; returns the number of mask updates made."""
     model = masks.model
@@ -94,36 +105,41 @@ def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_sta
                      for buffer in ("running_mean", "running_var", "num_batches_tracked")
                      if getattr(bn, buffer) is not None}
     optimiser = torch.optim.SGD([masks.mask], lr=params.lr, momentum=params.momentum)
-    updates = 0
-    while updates < params.iterations:
-        for x, y in batches(fit, params.batch_size, generator):
-            if updates == params.iterations:
-                break
-            if len(y) < 2 and batch_statistics:
-                continue
-            noise = (masks.noise_scale, masks.noise_shift)
-            if params.eps > 0:
-                with torch.no_grad():
-                    for n in noise:  # drawn on the CPU generator, so runs repeat on any device
-                        n.copy_(torch.rand(n.shape, generator=generator).mul_(2 * params.eps).sub_(params.eps))
-                for _ in range(params.steps):
-                    loss = F.cross_entropy(masks.forward(x, masks.mask.detach(), noise, running_stats), y)
-                    grads = torch.autograd.grad(loss, noise)
+    progress = Progress(masks, optimiser, generator)
+    watch = LossWatch(masks.mask.device, lambda step: f"ANP mask update {step + 1}")
+    with loop_checkpoint("ANP masks", progress) as checkpoint:  # saved between passes over the data
+        while progress.updates < params.iterations:
+            for x, y in batches(fit, params.batch_size, generator):
+                if progress.updates == params.iterations:
+                    break
+                if len(y) < 2 and batch_statistics:
+                    continue
+                noise = (masks.noise_scale, masks.noise_shift)
+                if params.eps > 0:
                     with torch.no_grad():
-                        for n, g in zip(noise, grads):
-                            n.add_(g.sign(), alpha=params.eps / params.steps).clamp_(-params.eps, params.eps)
-            loss = params.alpha * F.cross_entropy(masks.forward(x, masks.mask, None, running_stats), y)
-            if params.eps > 0:
-                perturbed = masks.forward(x, masks.mask, tuple(n.detach() for n in noise), running_stats)
-                loss = loss + (1 - params.alpha) * F.cross_entropy(perturbed, y)
-            optimiser.zero_grad()
-            masks.mask.grad, = torch.autograd.grad(loss, [masks.mask])
-            optimiser.step()
-            with torch.no_grad():
-                masks.mask.clamp_(0, 1)
-            updates += 1
+                        for n in noise:  # drawn on the CPU generator, so runs repeat on any device
+                            n.copy_(torch.rand(n.shape, generator=generator).mul_(2 * params.eps).sub_(params.eps))
+                    for _ in range(params.steps):
+                        loss = F.cross_entropy(masks.forward(x, masks.mask.detach(), noise, running_stats), y)
+                        grads = torch.autograd.grad(loss, noise)
+                        with torch.no_grad():
+                            for n, g in zip(noise, grads):
+                                n.add_(g.sign(), alpha=params.eps / params.steps).clamp_(-params.eps, params.eps)
+                loss = params.alpha * F.cross_entropy(masks.forward(x, masks.mask, None, running_stats), y)
+                if params.eps > 0:
+                    perturbed = masks.forward(x, masks.mask, tuple(n.detach() for n in noise), running_stats)
+                    loss = loss + (1 - params.alpha) * F.cross_entropy(perturbed, y)
+                watch.observe(loss, progress.updates)
+                optimiser.zero_grad()
+                masks.mask.grad, = torch.autograd.grad(loss, [masks.mask])
+                optimiser.step()
+                with torch.no_grad():
+                    masks.mask.clamp_(0, 1)
+                progress.updates += 1
+            watch.check()
+            checkpoint.boundary(finished=progress.updates == params.iterations)
     model.eval()
-    return updates
+    return progress.updates
 
 
 @torch.no_grad()

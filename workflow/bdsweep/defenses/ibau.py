@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import autocast
+from ..engine import LossWatch, autocast
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
 
@@ -146,11 +147,13 @@ def universal_perturbation(cross_entropy, predict, data, params: IBAUParams, gen
     return delta, fooled / len(data)
 
 
-def unlearn(cross_entropy, trainable, optimiser, delta, data, params: IBAUParams, generator) -> tuple[float, list[int]]:
+def unlearn(cross_entropy, trainable, optimiser, delta, data, params: IBAUParams, generator, watch: LossWatch,
+            first_step: int) -> tuple[float, list[int]]:
     """Outer minimisation, one pass: one Adam step per batch on the implicit hypergradient;
-    (mean outer loss, images perturbed per batch)."""
+    (mean outer loss, images perturbed per batch). ``watch`` sees each batch's loss as step
+    ``first_step`` + batch number."""
     losses, counts = [], []
-    for x, y in batches(data, params.batch_size, generator, normalise=False):
+    for step, (x, y) in enumerate(batches(data, params.batch_size, generator, normalise=False), first_step):
         count = perturbed_count(len(y), params.perturbed_share)
         chosen = torch.randperm(len(y), generator=generator, device=generator.device)[:count].to(x.device)
         mask = torch.zeros(len(y), 1, 1, 1, device=x.device).index_fill_(0, chosen, 1.0)
@@ -159,12 +162,22 @@ def unlearn(cross_entropy, trainable, optimiser, delta, data, params: IBAUParams
             inner_loss=lambda d, x=x, y=y: -cross_entropy(x + d, y) + params.inner_regulariser * d.pow(2).sum(),
             outer_loss=lambda d, x=x, y=y, mask=mask: cross_entropy(x + mask * d, y),
             fixed_point_lr=params.fixed_point_lr, iterations=params.fixed_point_iterations)
+        watch.observe(loss, step)
         for p, g in zip(trainable, grads):
             p.grad = g
         optimiser.step()
         losses.append(loss)
         counts.append(count)
     return float(torch.stack(losses).mean()), counts
+
+
+class Progress:
+    """Everything the rounds change, which is what a checkpoint between rounds holds."""
+
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator):
+        self.model, self.optimiser, self.generator = model, optimiser, generator
+        self.round = 0
+        self.delta_norms, self.fooled_shares, self.outer_losses, self.counts = [], [], [], []
 
 
 @defense("i-bau", "i-BAU: adversarial unlearning of a universal perturbation via implicit hypergradients",
@@ -192,21 +205,28 @@ def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, de
         with autocast(device):
             return model(normalise(images01)).argmax(1)
 
-    delta_norms, fooled_shares, outer_losses, counts = [], [], [], []
-    with twice_differentiable(model):
-        for _ in range(params.rounds):
+    progress = Progress(model, optimiser, generator)
+    per_round = -(-n // params.batch_size)
+    watch = LossWatch(data.images.device, lambda step: f"i-BAU round {step // per_round + 1}, "
+                      f"batch {step % per_round + 1}")
+    with twice_differentiable(model), loop_checkpoint("i-BAU rounds", progress) as checkpoint:
+        while progress.round < params.rounds:
             delta, fooled = universal_perturbation(cross_entropy, predict, data, params, generator)
-            loss, round_counts = unlearn(cross_entropy, trainable, optimiser, delta, data, params, generator)
-            delta_norms.append(float(delta.norm()))
-            fooled_shares.append(fooled)
-            outer_losses.append(loss)
-            counts += round_counts
+            loss, round_counts = unlearn(cross_entropy, trainable, optimiser, delta, data, params, generator,
+                                         watch, progress.round * per_round)
+            watch.check()
+            progress.delta_norms.append(float(delta.norm()))
+            progress.fooled_shares.append(fooled)
+            progress.outer_losses.append(loss)
+            progress.counts += round_counts
+            progress.round += 1
+            checkpoint.boundary(finished=progress.round == params.rounds)
     optimiser.zero_grad(set_to_none=True)
     return Defended(model, {
-        "delta_norms": delta_norms,  # per round
-        "inner_fooled_share": fooled_shares,  # per round: images whose prediction delta changed
-        "outer_losses": outer_losses,  # per round, mean over batches of the perturbed-batch CE
-        "perturbed_images": sum(counts),
-        "min_perturbed_per_batch": min(counts),
+        "delta_norms": progress.delta_norms,  # per round
+        "inner_fooled_share": progress.fooled_shares,  # per round: images whose prediction delta changed
+        "outer_losses": progress.outer_losses,  # per round, mean over batches of the perturbed-batch CE
+        "perturbed_images": sum(progress.counts),
+        "min_perturbed_per_batch": min(progress.counts),
         "notes": notes,
     })

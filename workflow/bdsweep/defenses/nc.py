@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine import BatchHook, Recipe, autocast, train
+from ..engine import BatchHook, LossWatch, Recipe, autocast, train
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
 
@@ -102,23 +103,31 @@ def flag_classes(norms: torch.Tensor, threshold: float) -> tuple[list[int], torc
     return torch.nonzero((norms < median) & (index > threshold)).flatten().tolist(), index
 
 
-def reverse_engineer(model, data, classes: list[int], params: NCParams, generator: torch.Generator) -> dict:
-    """Best masks (K, 1, H, W), patterns (K, 3, H, W), their L1 norms, success and epochs run for ``classes``."""
-    k, size, device = len(classes), data.image_size, data.images.device
-    raw_mask = torch.ones(k, 1, size, size, device=device, requires_grad=True)  # the authors' initialisation
-    raw_pattern = torch.ones(k, 3, size, size, device=device, requires_grad=True)
-    optimiser = torch.optim.Adam([raw_mask, raw_pattern], lr=params.mask_lr, betas=(0.5, 0.9))
-    targets = torch.tensor(classes, device=device)
-    cost = torch.full((k,), params.init_cost, device=device)
-    best_mask, best_pattern = to_unit_interval(raw_mask).detach(), to_unit_interval(raw_pattern).detach()
-    best_norm, early_best = (torch.full((k,), float("inf"), device=device) for _ in range(2))
-    up, down, stale = (torch.zeros(k, dtype=torch.long, device=device) for _ in range(3))  # epoch counters
-    moved_up, moved_down = (torch.zeros(k, dtype=torch.bool, device=device) for _ in range(2))
-    active, epochs_run = torch.ones(k, dtype=torch.bool, device=device), torch.zeros(k, dtype=torch.long)
-    for _ in range(params.epochs):
+class TriggerSearch:
+    """The state of one group's trigger search: the raw trigger variables and their optimiser, the
+    per-class cost schedule, early-stopping counters and best triggers so far (what a checkpoint
+    between epochs holds)."""
+
+    def __init__(self, k: int, size: int, params: NCParams, generator: torch.Generator, device):
+        self.raw_mask = torch.ones(k, 1, size, size, device=device, requires_grad=True)  # the authors' initialisation
+        self.raw_pattern = torch.ones(k, 3, size, size, device=device, requires_grad=True)
+        self.optimiser = torch.optim.Adam([self.raw_mask, self.raw_pattern], lr=params.mask_lr, betas=(0.5, 0.9))
+        self.generator = generator
+        self.cost = torch.full((k,), params.init_cost, device=device)
+        self.best_mask = to_unit_interval(self.raw_mask).detach()
+        self.best_pattern = to_unit_interval(self.raw_pattern).detach()
+        self.best_norm, self.early_best = (torch.full((k,), float("inf"), device=device) for _ in range(2))
+        self.up, self.down, self.stale = (torch.zeros(k, dtype=torch.long, device=device) for _ in range(3))
+        self.moved_up, self.moved_down = (torch.zeros(k, dtype=torch.bool, device=device) for _ in range(2))
+        self.active, self.epochs_run = torch.ones(k, dtype=torch.bool, device=device), torch.zeros(k, dtype=torch.long)
+        self.epoch = 0
+
+    def run_epoch(self, model, data, targets: torch.Tensor, params: NCParams, watch: LossWatch) -> None:
+        k, device = len(targets), data.images.device
+        raw_mask, raw_pattern, optimiser = self.raw_mask, self.raw_pattern, self.optimiser
         hits, norm_sum, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
         kept = (raw_mask.detach().clone(), raw_pattern.detach().clone())
-        for x, _ in batches(data, params.batch_size, generator, normalise=False):
+        for x, _ in batches(data, params.batch_size, self.generator, normalise=False):
             mask, pattern = to_unit_interval(raw_mask), to_unit_interval(raw_pattern)
             stamped = stamp(x[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # (K * B, 3, H, W), class-major
             with autocast(device):
@@ -126,40 +135,58 @@ def reverse_engineer(model, data, classes: list[int], params: NCParams, generato
             wanted = targets.repeat_interleave(len(x))
             cross_entropy = F.cross_entropy(logits, wanted, reduction="none").view(k, -1).mean(1)
             norms = mask.flatten(1).sum(1)
+            objective = (cross_entropy + self.cost * norms).sum()  # classes are independent: each gets its own gradient
+            watch.observe(objective, self.epoch)
             optimiser.zero_grad(set_to_none=True)
-            (cross_entropy + cost * norms).sum().backward()  # classes are independent: each gets its own gradient
+            objective.backward()
             optimiser.step()
             hits += (logits.argmax(1) == wanted).view(k, -1).float().sum(1).detach()
             norm_sum, steps = norm_sum + norms.detach(), steps + 1
+        active = self.active
         with torch.no_grad():  # stopped classes keep their parameters, as if their run had ended
             raw_mask.copy_(torch.where(active.view(-1, 1, 1, 1), raw_mask, kept[0]))
             raw_pattern.copy_(torch.where(active.view(-1, 1, 1, 1), raw_pattern, kept[1]))
-        epochs_run += active.cpu()
+        self.epochs_run += active.cpu()
         success, norm = hits / len(data), norm_sum / steps  # per class, over the epoch
         succeeded = success >= params.success_threshold
-        improved = active & succeeded & (norm < best_norm)
-        best_norm = torch.where(improved, norm, best_norm)
-        best_mask = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_mask).detach(), best_mask)
-        best_pattern = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_pattern).detach(), best_pattern)
+        improved = active & succeeded & (norm < self.best_norm)
+        self.best_norm = torch.where(improved, norm, self.best_norm)
+        self.best_mask = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_mask).detach(), self.best_mask)
+        self.best_pattern = torch.where(improved.view(-1, 1, 1, 1), to_unit_interval(raw_pattern).detach(),
+                                        self.best_pattern)
         # Early stop: the cost has moved both ways and the best norm has not improved by 1 % for a while.
-        found = torch.isfinite(best_norm)
-        stale = torch.where(found & (best_norm >= params.early_stop_threshold * early_best), stale + 1, 0)
-        early_best = torch.minimum(early_best, best_norm)
-        active &= ~(moved_up & moved_down & (stale >= params.early_stop_patience))
+        found = torch.isfinite(self.best_norm)
+        self.stale = torch.where(found & (self.best_norm >= params.early_stop_threshold * self.early_best),
+                                 self.stale + 1, 0)
+        self.early_best = torch.minimum(self.early_best, self.best_norm)
+        self.active = active & ~(self.moved_up & self.moved_down & (self.stale >= params.early_stop_patience))
         # Cost schedule: up after `patience` successful epochs in a row, down after as many failures.
-        up, down = torch.where(succeeded, up + 1, 0), torch.where(succeeded, 0, down + 1)
-        raise_cost, lower_cost = active & (up >= params.patience), active & (down >= params.patience)
-        cost = torch.where(raise_cost, cost * params.cost_multiplier, cost)
-        cost = torch.where(lower_cost, cost / params.cost_multiplier ** 1.5, cost)
-        up, down = torch.where(raise_cost, 0, up), torch.where(lower_cost, 0, down)
-        moved_up, moved_down = moved_up | raise_cost, moved_down | lower_cost
-        if not active.any():
-            break
-    never = ~torch.isfinite(best_norm)  # never reached the threshold: keep the last trigger
-    best_mask = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(raw_mask).detach(), best_mask)
-    best_pattern = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(raw_pattern).detach(), best_pattern)
+        up, down = torch.where(succeeded, self.up + 1, 0), torch.where(succeeded, 0, self.down + 1)
+        raise_cost, lower_cost = self.active & (up >= params.patience), self.active & (down >= params.patience)
+        cost = torch.where(raise_cost, self.cost * params.cost_multiplier, self.cost)
+        self.cost = torch.where(lower_cost, cost / params.cost_multiplier ** 1.5, cost)
+        self.up, self.down = torch.where(raise_cost, 0, up), torch.where(lower_cost, 0, down)
+        self.moved_up, self.moved_down = self.moved_up | raise_cost, self.moved_down | lower_cost
+        watch.check()
+        self.epoch += 1
+
+
+def reverse_engineer(model, data, classes: list[int], params: NCParams, generator: torch.Generator) -> dict:
+    """Best masks (K, 1, H, W), patterns (K, 3, H, W), their L1 norms, success and epochs run for ``classes``."""
+    search = TriggerSearch(len(classes), data.image_size, params, generator, data.images.device)
+    targets = torch.tensor(classes, device=data.images.device)
+    label = f"NC trigger search, classes {classes[0]}-{classes[-1]}"
+    watch = LossWatch(data.images.device, lambda epoch: f"{label}, epoch {epoch + 1}")
+    with loop_checkpoint(label, search) as checkpoint:  # saved between epochs
+        while search.epoch < params.epochs and search.active.any():
+            search.run_epoch(model, data, targets, params, watch)
+            checkpoint.boundary(finished=search.epoch == params.epochs or not search.active.any())
+    never = ~torch.isfinite(search.best_norm)  # never reached the threshold: keep the last trigger
+    best_mask = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(search.raw_mask).detach(), search.best_mask)
+    best_pattern = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(search.raw_pattern).detach(),
+                               search.best_pattern)
     return {"masks": best_mask, "patterns": best_pattern, "norms": best_mask.flatten(1).sum(1),
-            "reached": (~never).cpu(), "epochs": epochs_run}
+            "reached": (~never).cpu(), "epochs": search.epochs_run}
 
 
 class StampReversedTriggers(BatchHook):

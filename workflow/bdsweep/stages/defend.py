@@ -12,7 +12,9 @@ import json
 import os
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from ..params import as_dict, resolve, scale_batch_sizes, stable_hash, stable_se
 from ..provenance import device_name, peak_memory, reset_peak_memory, versions
 from ..registry import DEFENSES
 from ..results import SCHEMA_VERSION
-from ..resume import RetryWithLess
+from ..resume import Checkpoint, Preempted, RetryWithLess, defense_checkpoints
 
 NON_FINITE = "non-finite weights after defense"
 
@@ -64,21 +66,24 @@ def mitigation_data(data: PreparedDataset, indices: np.ndarray | None, device: t
     )
 
 
-def run_defense(defense, model, data: MitigationData, params, device) -> dict:
-    """Call the defense; turn exceptions and non-finite weights into a failed status."""
+def run_defense(defense, model, data: MitigationData, params, device, checkpoint: Checkpoint | None = None) -> dict:
+    """Call the defense; turn exceptions and non-finite weights into a failed status. With a
+    checkpoint, the defense saves its phases there and SIGTERM stops it with Preempted (a rerun
+    resumes)."""
     reset_peak_memory(device)
     started = time.perf_counter()
     outcome = {"status": "ok", "reason": None, "details": {}, "model": None}
     try:
-        result = defense.run(model, data, params, device)
+        with defense_checkpoints(checkpoint) if checkpoint is not None else nullcontext():
+            result = defense.run(model, data, params, device)
         if isinstance(result, Defended):
             result, outcome["details"] = result.model, result.details
         if not all(torch.isfinite(t).all() for t in result.state_dict().values() if t.is_floating_point()):
             outcome.update(status="failed", reason=NON_FINITE)
         else:
             outcome["model"] = result
-    except torch.OutOfMemoryError:
-        raise  # not a result of the defense: the job fails, and its retry asks for smaller batches
+    except (torch.OutOfMemoryError, Preempted):
+        raise  # not a result of the defense: the job stops, and its retry resumes or asks for smaller batches
     except Exception as error:  # a defense's failure is a result, recorded with its reason
         outcome.update(status="failed", reason=f"{type(error).__name__}: {error}",
                        details={"traceback": traceback.format_exc(limit=5)})
@@ -138,10 +143,12 @@ def model_digests(files: ModelFiles) -> dict:
             "backdoor": file_digest(files.backdoor)}
 
 
-def defend(run: RunSpec, files: ModelFiles, device: torch.device, batch_percent: int = 100,
-           fingerprint: str | None = None, dataset: PreparedDataset | None = None) -> dict:
+def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: str, batch_percent: int = 100,
+           dataset: PreparedDataset | None = None) -> dict:
     """Run ``run`` on the model of ``files`` and write its run file; returns the record written.
-    Raises RetryWithLess (no run file) when the device runs out of memory."""
+    ``fingerprint`` is the run's :func:`inputs_fingerprint`. Raises RetryWithLess (no run file)
+    when the device runs out of memory, Preempted (no run file; the checkpoint beside it holds the
+    defense's progress) on SIGTERM."""
     defense = DEFENSES.get(run.defense)
     params = resolve(defense.params, run.overrides, f"defense {run.defense!r}")
     if batch_percent < 100:
@@ -154,8 +161,11 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, batch_percent:
     data = dataset if dataset is not None else PreparedDataset(files.data)
     indices = read_npy(run.partition, "partition") if defense.needs_data else None
     torch.manual_seed(stable_seed("defend", run.defense, json.dumps(run.coordinates, sort_keys=True)))
+    # Tied to the run's inputs and to the batch sizes, which a retry after out of memory changes.
+    checkpoint = Checkpoint(Path(run.out).with_suffix(".ckpt"), stable_hash([fingerprint, batch_percent]))
     try:
-        outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device)
+        outcome = run_defense(defense, model.to(device), mitigation_data(data, indices, device), params, device,
+                              checkpoint)
     except torch.OutOfMemoryError as error:
         raise RetryWithLess(f"defense {run.defense!r} ran out of device memory at {batch_percent} % of its batch "
                             f"sizes ({error}); no run file written. The workflow retries with half the batch "
@@ -198,6 +208,7 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, batch_percent:
         "inputs_fingerprint": fingerprint,
     }
     write_json(run.out, record)
+    checkpoint.remove()  # the run file is written: the checkpoint has served its purpose
     return record
 
 
@@ -205,4 +216,4 @@ def main(args):
     files = ModelFiles(args.model, args.model_metrics, args.data, args.backdoor)
     run = RunSpec(args.defense, args.params, args.coordinates, args.partition, args.out)
     fingerprint = inputs_fingerprint(run, {**model_digests(files), run.partition: file_digest(run.partition)})
-    defend(run, files, select_device(args.device), args.batch_percent, fingerprint)
+    defend(run, files, select_device(args.device), fingerprint, args.batch_percent)

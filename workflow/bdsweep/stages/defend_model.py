@@ -90,7 +90,7 @@ def run_with_retries(run: RunSpec, fingerprint: str, files: ModelFiles, device: 
     for halving in range(IN_JOB_HALVINGS + 1):
         percent = max(1, batch_percent >> halving)
         try:
-            record = defend(run, files, select_device(device), percent, fingerprint, dataset)
+            record = defend(run, files, select_device(device), fingerprint, percent, dataset)
             return {"status": record["status"], "batch_percent": percent}
         except RetryWithLess:
             if halving == IN_JOB_HALVINGS:

@@ -1,0 +1,293 @@
+"""Defense checkpoints and non-finite losses: SIGTERM in the middle of a defense (an engine-based
+one of two phases, and own-loop ones) stops it with Preempted (exit 143, no run file), and the rerun
+resumes and writes what an uninterrupted run writes; a checkpoint of another job is ignored; a NaN
+loss makes a failed run (defend) or a failed job (train), never a silent result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdsweep import engine
+from bdsweep.checkpoint import save_model
+from bdsweep.cli import main
+from bdsweep.engine import BatchHook, NonFiniteLoss, Recipe, train
+from bdsweep.models import create_model
+from bdsweep.registry import DEFENSES
+from bdsweep.resume import PREEMPTED_EXIT_CODE, Checkpoint, Preempted
+from bdsweep.stages.defend import run_defense
+from conftest import random_mitigation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+SMALL = {
+    "nad": {"teacher_epochs": 2, "epochs": 3, "batch_size": 8},  # 4 batches per epoch on 32 images
+    "i-bau": {"rounds": 3, "batch_size": 16, "fixed_point_iterations": 2},  # 2 batches per round
+    "anp": {"iterations": 6, "batch_size": 16},  # 28 images to fit on: 2 updates per pass
+    # two groups of 2 classes, 3 epochs of 2 batches each; 2 unlearning epochs if a class is flagged
+    "nc": {"epochs": 3, "batch_size": 16, "classes_per_pass": 2, "patience": 1, "unlearn_epochs": 2,
+           "unlearn_batch_size": 8},
+    "sau": {"rounds": 2, "adv_steps": 1, "batch_size": 16},
+    "pbe": {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 1, "batch_size": 16},
+    "ft-sam": {"epochs": 2, "batch_size": 16},
+    "fst": {"epochs": 2, "batch_size": 16},
+    "fp": {"epochs": 2, "batch_size": 16},
+    "ft": {"epochs": 2, "batch_size": 16},
+}
+
+
+class SigtermAt:
+    """Wraps a function; sends this process SIGTERM (as SLURM would) when its n-th call begins."""
+
+    def __init__(self, function, call: int | None):
+        self.function, self.call, self.calls = function, call, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.function(*args, **kwargs)
+
+
+def count_steps(monkeypatch, name, stop_at=None) -> SigtermAt:
+    """Count a defense's steps where they can be counted, optionally sending SIGTERM at one: the
+    engine's per-batch autocast (only train() calls it by that name; the default), i-BAU's per-batch
+    hypergradient, ANP's masked forward passes (three per mask update), NC's trigger-search batches."""
+    import bdsweep.defenses.anp as anp
+    import bdsweep.defenses.ibau as ibau
+    import bdsweep.defenses.nc as nc
+
+    DEFENSES.entries()  # import every defense first, so none binds the counter in place of engine.autocast
+    owner, attribute = {"i-bau": (ibau, "implicit_hypergradient"), "anp": (anp, "functional_call"),
+                        "nc": (nc, "autocast")}.get(name, (engine, "autocast"))
+    counter = SigtermAt(getattr(owner, attribute), stop_at)
+    monkeypatch.setattr(owner, attribute, counter)
+    return counter
+
+
+def defend_directly(name, checkpoint=None):
+    """(outcome, model) of the defend stage's run_defense on a fresh small model, seeded as the stage seeds."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 4, 16)
+    data = random_mitigation(n=32, num_classes=4, size=16)
+    torch.manual_seed(1)
+    defense = DEFENSES.get(name)
+    return run_defense(defense, model, data, defense.params(**SMALL[name]), CPU, checkpoint), model
+
+
+def same_weights(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("name, stop_at, phases, left", [
+    # teacher 2 x 4 batches, student 3 x 4: SIGTERM in the student's 6th batch, saved after it; the
+    # rerun restores the teacher and trains the student's last 6 batches
+    ("nad", 2 * 4 + 6, ["NAD teacher", "NAD student"], 6),
+    # 3 rounds of 2 batches: SIGTERM in round 2, saved after it; the rerun does round 3
+    ("i-bau", 3, ["i-BAU rounds"], 2),
+    # 6 updates of 3 forward passes, 2 updates a pass: SIGTERM in update 3, saved after the 2nd
+    # pass (update 4); the rerun makes updates 5 and 6
+    ("anp", 2 * 3 + 1, ["ANP masks"], 2 * 3),
+    # 2 groups x 3 epochs x 2 batches: SIGTERM in epoch 2 of group 2, saved after it; the rerun
+    # restores group 1 and does group 2's last epoch
+    ("nc", 2 * 3 + 3, ["NC trigger search, classes 0-1", "NC trigger search, classes 2-3"], 2),
+])
+def test_sigterm_mid_defense_saves_and_the_rerun_matches_an_uninterrupted_run(
+        tmp_path, monkeypatch, name, stop_at, phases, left):
+    steps = count_steps(monkeypatch, name)
+    reference, reference_model = defend_directly(name)
+    assert reference["status"] == "ok"
+
+    checkpoint = Checkpoint(tmp_path / "run.ckpt", "job-a")
+    steps.call, steps.calls = stop_at, 0
+    with pytest.raises(Preempted, match="SIGTERM"):
+        defend_directly(name, checkpoint)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the stage's handlers are gone
+    saved = checkpoint.load()["phases"]
+    assert [saved[number]["label"] for number in sorted(saved)] == phases
+
+    steps.call, steps.calls = None, 0
+    resumed, resumed_model = defend_directly(name, checkpoint)
+    assert resumed["status"] == "ok" and same_weights(resumed_model, reference_model)
+    assert resumed["details"] == reference["details"]
+    assert steps.calls == left  # finished work is restored, not recomputed
+
+
+@pytest.mark.parametrize("name", ["nad", "sau", "pbe", "ft-sam", "fst", "fp", "ft", "i-bau", "anp", "nc"])
+def test_a_rerun_after_the_last_phase_restores_everything_the_defense_reports(tmp_path, monkeypatch, name):
+    """SIGTERM after the last phase (e.g. during the final evaluation) leaves every phase finished in
+    the checkpoint: the rerun trains nothing and reports what the uninterrupted run reported, so the
+    hooks' and loops' records (per-epoch lists, last-round summaries, accumulators) are in the state."""
+    reference, reference_model = defend_directly(name)
+    checkpoint = Checkpoint(tmp_path / "run.ckpt", "job-a")
+    first, _ = defend_directly(name, checkpoint)
+    assert first["details"] == reference["details"]  # checkpointing itself changes nothing
+    counters = [count_steps(monkeypatch, name), count_steps(monkeypatch, "ft")]  # own loop, engine
+    replayed, replayed_model = defend_directly(name, checkpoint)
+    assert [counter.calls for counter in counters] == [0, 0]
+    assert replayed["status"] == "ok" and replayed["details"] == reference["details"]
+    assert same_weights(replayed_model, reference_model)
+
+
+def test_a_checkpoint_of_another_job_is_ignored(tmp_path, monkeypatch, capsys):
+    steps = count_steps(monkeypatch, "nad")
+    reference, reference_model = defend_directly("nad")
+    steps.call, steps.calls = 5, 0
+    with pytest.raises(Preempted):
+        defend_directly("nad", Checkpoint(tmp_path / "run.ckpt", "job-a"))
+    steps.call = None
+    other, other_model = defend_directly("nad", Checkpoint(tmp_path / "run.ckpt", "job-b"))
+    assert "different job" in capsys.readouterr().err
+    assert same_weights(other_model, reference_model) and other["details"] == reference["details"]
+
+
+def test_sigterm_between_phases_stops_at_once_and_the_rerun_still_matches(tmp_path, monkeypatch):
+    """Code outside a checkpointed loop (here NAD's attention gaps, between its two phases) raises
+    Preempted at once; the rerun restores the finished teacher and goes on."""
+    import bdsweep.defenses.nad as nad
+
+    reference, reference_model = defend_directly("nad")
+    monkeypatch.setattr(nad, "attention_gaps", SigtermAt(nad.attention_gaps, 1))
+    checkpoint = Checkpoint(tmp_path / "run.ckpt", "job-a")
+    with pytest.raises(Preempted, match="outside a checkpointed loop"):
+        defend_directly("nad", checkpoint)
+    assert [phase["label"] for phase in checkpoint.load()["phases"].values()] == ["NAD teacher"]
+    resumed, resumed_model = defend_directly("nad", checkpoint)
+    assert same_weights(resumed_model, reference_model) and resumed["details"] == reference["details"]
+
+
+# The defend stage as the workflow runs it.
+
+@pytest.fixture
+def stage(tmp_path, prepared):
+    """A model file, its metrics record and a partition for the defend stage on synthetic data."""
+    torch.manual_seed(0)
+    save_model(tmp_path / "model.pt", create_model("small_cnn", 4, 16),
+               {"architecture": "small_cnn", "num_classes": 4, "image_size": 16})
+    metrics = {"metrics": {"acc": 0.25, "asr": None, "ra": None}, "target": 0, "effective_ratio": 0.0,
+               "sanity": {"acc_below_gate": False, "asr_below_gate": None}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    np.save(tmp_path / "partition.npy", np.arange(0, 120, 4))  # 30 images
+
+    def defend(name, params, out):
+        return main(["defend", "--model", str(tmp_path / "model.pt"), "--model-metrics", str(tmp_path / "metrics.json"),
+                     "--data", str(tmp_path / "data"), "--partition", str(tmp_path / "partition.npy"),
+                     "--defense", name, "--params", json.dumps(params), "--device", "cpu", "--out", str(out)])
+
+    return tmp_path, defend
+
+
+def comparable(path) -> dict:
+    record = json.loads(path.read_text())
+    return {key: record[key] for key in ("status", "reason", "post", "removal", "details", "hyperparameters")}
+
+
+def test_the_defend_stage_preempted_exits_143_and_its_rerun_writes_the_uninterrupted_run_file(stage, monkeypatch):
+    root, defend = stage
+    params = {"epochs": 3, "batch_size": 8}  # FT: one phase of 3 epochs x 4 batches
+    assert defend("ft", params, root / "reference.json") == 0
+    other = {"epochs": 2, "batch_size": 8}
+    assert defend("ft", other, root / "other.json") == 0
+    steps = count_steps(monkeypatch, "ft", stop_at=6)
+    out = root / "run.json"
+    assert defend("ft", params, out) == PREEMPTED_EXIT_CODE
+    assert not out.exists() and out.with_suffix(".ckpt").exists()
+
+    steps.call = None
+    assert defend("ft", other, out) == 0  # other params: the checkpoint is not theirs
+    assert comparable(out) == comparable(root / "other.json")
+    out.unlink()
+    steps.call, steps.calls = 6, 0
+    assert defend("ft", params, out) == PREEMPTED_EXIT_CODE
+    steps.call = None
+    assert defend("ft", params, out) == 0
+    assert comparable(out) == comparable(root / "reference.json")
+    assert not out.with_suffix(".ckpt").exists()  # removed once the run file is written
+
+
+# Non-finite losses.
+
+@dataclass(frozen=True)
+class NaNLossParams:
+    epochs: int = 2
+
+
+class NaNLoss(BatchHook):
+    """Adds a constant NaN to the loss: its gradient is zero, so the weights stay finite."""
+
+    def loss(self, inputs, labels, logits, cross_entropy):
+        return cross_entropy + torch.tensor(float("nan"))
+
+
+def nan_loss_defense(model, data, params, device):
+    train(model, data.images, data.labels, Recipe(epochs=params.epochs, batch_size=8), data.normalisation, 0,
+          description="NaN test", hook=NaNLoss())
+    return model
+
+
+def test_a_nan_loss_with_finite_weights_is_a_failed_run(stage, monkeypatch):
+    from bdsweep.defenses import defense
+
+    root, defend = stage
+    DEFENSES.entries()  # load every module first, then register on a copy: for this test only
+    monkeypatch.setattr(DEFENSES, "_entries", dict(DEFENSES._entries))
+    defense("nan-loss", "test double", NaNLossParams, family="fine-tuning")(nan_loss_defense)
+    assert defend("nan-loss", {}, root / "run.json") == 0
+    record = json.loads((root / "run.json").read_text())
+    assert record["status"] == "failed" and record["post"] is None
+    assert record["reason"] == "NonFiniteLoss: non-finite loss (NaN or inf) in NaN test, epoch 1, batch 1"
+
+
+def test_the_engine_names_the_first_non_finite_batch_and_the_gradients_stay_finite():
+    data = random_mitigation(n=32, num_classes=4, size=16)
+    model = create_model("small_cnn", 4, 16)
+
+    class NaNFromBatch(BatchHook):
+        batches = 0
+
+        def loss(self, inputs, labels, logits, cross_entropy):
+            self.batches += 1
+            return cross_entropy + (torch.tensor(float("inf")) if self.batches >= 7 else 0)
+
+    with pytest.raises(NonFiniteLoss, match="epoch 2, batch 3"):  # batch 7 of 4 per epoch
+        train(model, data.images, data.labels, Recipe(epochs=3, batch_size=8), data.normalisation, 0,
+              description="test", hook=NaNFromBatch(), progress=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, where", [("anp", "ANP mask update 1"), ("i-bau", "i-BAU round 1, batch 1"),
+                                         ("nc", "NC trigger search, classes 0-1, epoch 1")])
+def test_the_own_loops_report_a_non_finite_loss(monkeypatch, name, where):
+    """The own loops check their losses with the engine's LossWatch: a NaN makes the defense fail."""
+    cross_entropy = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *args, **kwargs: cross_entropy(*args, **kwargs) * np.nan)
+    outcome, _ = defend_directly(name)
+    assert outcome["status"] == "failed"
+    assert outcome["reason"] == f"NonFiniteLoss: non-finite loss (NaN or inf) in {where}"
+
+
+def test_training_a_model_with_a_nan_loss_fails_with_a_clear_error(prepared, tmp_path, monkeypatch, capsys):
+    import bdsweep.stages.train as stage
+
+    class NaNLogits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * float("nan")
+
+    monkeypatch.setattr(stage, "create_model", lambda *args: NaNLogits(create_model(*args)))
+    code = main(["train", "--data", str(tmp_path / "data"), "--attack", "clean", "--architecture", "small_cnn",
+                 "--recipe", '{"epochs": 2, "batch_size": 32}', "--target", "0", "--seed", "0", "--device", "cpu",
+                 "--out-model", str(tmp_path / "model.pt"), "--out-metrics", str(tmp_path / "metrics.json"),
+                 "--out-curve", str(tmp_path / "curve.csv")])
+    assert code == 1 and not (tmp_path / "model.pt").exists()
+    assert "non-finite loss (NaN or inf) in train small_cnn clean, epoch 1, batch 1" in capsys.readouterr().err
