@@ -11,12 +11,20 @@ include: "workflow/rules/common.smk"
 report: "workflow/report/workflow.rst"
 
 
-# One manifest per model stands for its runs (workflow/rules/defend.smk); the table, figures and
-# summary tables are built from them.
-rule all:
+# `snakemake table`: the models, their runs and the results table, without figures. Models are
+# targets so that a deleted model is retrained (and its runs redone); one manifest per model
+# stands for its runs (workflow/rules/defend.smk).
+rule table:
     input:
+        MODELS,
         MANIFESTS,
         TABLE,
+
+
+# Everything: the results (above), every figure and every summary table.
+rule all:
+    input:
+        rules.table.input,
         expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
         expand(SUMMARY, summary=SUMMARY_NAMES, ext=("csv", "md")),
     default_target: True

@@ -45,6 +45,7 @@ LOGS = os.path.join(RESULTS, "logs")
 # The runs of each dataset's models, as the defend_model rule's `--defenses` (equal for every model
 # of a dataset, so computed once per dataset).
 DEFENSE_PLANS = {dataset: json.dumps(grid.defense_plan(CONFIG, dataset), sort_keys=True) for dataset in CONFIG["datasets"]}
+MODELS = [MODEL.format(**model.wildcards()) for model in grid.models(CONFIG)]
 MANIFESTS = [MANIFEST.format(**model.wildcards()) for model in grid.models(CONFIG)
              if DEFENSE_PLANS[model.dataset] != "{}"]
 FIGURE_NAMES = sorted(FIGURES)

@@ -62,13 +62,16 @@ def plan_runs(args) -> list[RunSpec]:
     return runs
 
 
-def recorded_fingerprint(path: str) -> str | None:
-    """The fingerprint a run file records; None when it is missing, unreadable or predates fingerprints."""
+def up_to_date(run: RunSpec, fingerprint: str, inputs_mtime_ns: int) -> bool:
+    """Whether ``run``'s file exists, records ``fingerprint`` and is newer than every input file
+    (Snakemake's rule: a retrained model reruns its runs even where its bytes are unchanged)."""
     try:
-        with open(path) as handle:
-            return json.load(handle).get("inputs_fingerprint")
-    except (OSError, ValueError, AttributeError):
-        return None
+        if os.stat(run.out).st_mtime_ns < inputs_mtime_ns:
+            return False
+        with open(run.out) as handle:
+            return json.load(handle).get("inputs_fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):  # missing, unreadable, or not a run record
+        return False
 
 
 _worker_state: dict = {}
@@ -163,7 +166,9 @@ def main(args):
     digests = model_digests(files)
     digests.update({path: file_digest(path) for path in {run.partition for run in runs if run.partition}})
     fingerprints = {run.out: inputs_fingerprint(run, digests) for run in runs}
-    pending = [(run, fingerprints[run.out]) for run in runs if recorded_fingerprint(run.out) != fingerprints[run.out]]
+    inputs = [files.model, os.path.join(files.data, "meta.json"), files.backdoor, *(run.partition for run in runs)]
+    newest_input = max(os.stat(path).st_mtime_ns for path in inputs if path)
+    pending = [(run, fingerprints[run.out]) for run in runs if not up_to_date(run, fingerprints[run.out], newest_input)]
     print(f"{len(runs)} runs: {len(runs) - len(pending)} up to date, {len(pending)} to compute", flush=True)
     outcomes = run_all(pending, files, args)
     write_json(args.out, {
