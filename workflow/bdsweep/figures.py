@@ -14,18 +14,18 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # headless: figures are files
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib import cbook  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from .atomic import atomic_path
+from .layout import CLEAN
+from .lazy import LazyModule, headless_matplotlib
+from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER
 
-from .atomic import atomic_path  # noqa: E402
-from .layout import CLEAN  # noqa: E402
-from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER  # noqa: E402
+# Imported when a figure is drawn, not when the workflow plans (see bdsweep.lazy).
+plt = LazyModule("matplotlib.pyplot", before=headless_matplotlib)
+sns = LazyModule("seaborn", before=headless_matplotlib)
+cbook = LazyModule("matplotlib.cbook")
+patches = LazyModule("matplotlib.patches")
 
 FAMILY_MARK = {"pruning": "\u2020", "fine-tuning": "\u2666", "none": ""}  # the paper's dagger / diamond
 BASELINE_STYLE = {"pruning": ("tab:blue", "--"), "fine-tuning": ("tab:red", ":")}
@@ -176,7 +176,7 @@ def median_scatter(ax: plt.Axes, summary: pd.DataFrame, column: str, title: str)
         base = summary[summary["defense"] == defense]
         if len(base):
             colour, style = BASELINE_STYLE[family]
-            ax.add_patch(Rectangle((0, 0), base["post_asr"].iloc[0], base[column].iloc[0], fill=False,
+            ax.add_patch(patches.Rectangle((0, 0), base["post_asr"].iloc[0], base[column].iloc[0], fill=False,
                                    edgecolor=colour, linestyle=style, label=f"{family} baseline ({defense.upper()})"))
     ax.set_xlabel("median ASR")
     ax.set_ylabel(f"median {title}")

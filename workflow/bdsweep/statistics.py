@@ -18,10 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import special, stats
 
 from .layout import CLEAN
+from .lazy import LazyModule
 from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER
+
+special, stats = LazyModule("scipy.special"), LazyModule("scipy.stats")  # imported when a table is computed
 
 METRICS = ("post_asr", "rdr", "arr")
 MODEL_KEYS = ("dataset", "architecture", "attack", "ratio", "target")  # one backdoored model

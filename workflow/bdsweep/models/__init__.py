@@ -10,7 +10,6 @@ the classifier).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +44,16 @@ def create_model(name: str, num_classes: int, image_size: int) -> nn.Module:
     return model
 
 
-def register_torchvision(name: str, description: str, builder: Callable[..., nn.Module], parts: ModelParts) -> None:
-    """Register a torchvision architecture as is: ``num_classes`` set, random initialisation (from
-    scratch). Their adaptive pooling makes them run at any image size the stem's strides allow."""
+def register_torchvision(name: str, description: str, parts: ModelParts) -> None:
+    """Register torchvision architecture ``torchvision.models.<name>`` as is: ``num_classes``
+    set, random initialisation (from scratch). Their adaptive pooling makes them run at any image
+    size the stem's strides allow. torchvision is imported when a model is built, not when the
+    workflow plans."""
 
     def build(num_classes: int, image_size: int) -> nn.Module:
-        model = builder(weights=None, num_classes=num_classes)
+        from torchvision import models
+
+        model = getattr(models, name)(weights=None, num_classes=num_classes)
         model.parts = parts
         return model
 

@@ -2,11 +2,9 @@
 end where the resolution halves next (features.1, .2, .3, .5) and at the final 1x1 convolution
 block (features.8, whose conv features.8.0 is the last convolution)."""
 
-from torchvision.models import efficientnet_b3
-
 from . import ModelParts, register_torchvision
 
-register_torchvision("efficientnet_b3", "EfficientNet-B3 (torchvision, from scratch)", efficientnet_b3, ModelParts(
+register_torchvision("efficientnet_b3", "EfficientNet-B3 (torchvision, from scratch)", ModelParts(
     classifier="classifier.1",
     last_conv="features.8.0",
     stages=("features.1", "features.2", "features.3", "features.5", "features.8"),

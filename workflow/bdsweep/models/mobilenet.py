@@ -2,11 +2,9 @@
 penultimate features are the 1280-wide input of the last. Stages end where the resolution halves
 next (features.1, .3, .6, .12) and at the final 1x1 convolution block (features.16)."""
 
-from torchvision.models import mobilenet_v3_large
-
 from . import ModelParts, register_torchvision
 
-register_torchvision("mobilenet_v3_large", "MobileNetV3-Large (torchvision, from scratch)", mobilenet_v3_large,
+register_torchvision("mobilenet_v3_large", "MobileNetV3-Large (torchvision, from scratch)",
                      ModelParts(
                          classifier="classifier.3",
                          last_conv="features.16.0",

@@ -3,11 +3,9 @@
 49 times into the first linear layer, as in the survey's toolkit. Stages end at the ReLU before
 each max-pool; features.49 is the last convolution."""
 
-from torchvision.models import vgg19_bn
-
 from . import ModelParts, register_torchvision
 
-register_torchvision("vgg19_bn", "VGG19-BN (torchvision, from scratch)", vgg19_bn, ModelParts(
+register_torchvision("vgg19_bn", "VGG19-BN (torchvision, from scratch)", ModelParts(
     classifier="classifier.6",
     last_conv="features.49",
     stages=("features.5", "features.12", "features.25", "features.38", "features.51"),
