@@ -103,3 +103,16 @@ def test_out_of_memory_halves_the_batches_inside_the_job_then_leaves_it_to_the_r
 def test_workers_must_be_positive(digits_backdoor, tmp_path):
     assert defend_model(digits_backdoor, plan(none={}), tmp_path, workers=0)[0] == 1
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_a_model_newer_than_its_runs_reruns_them_as_snakemake_would(digits_backdoor, tmp_path):
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(digits_backdoor, model, ignore=shutil.ignore_patterns("*.ckpt", "run*"))
+    defend_model(model, plan(none={}, clp={}), tmp_path / "runs")
+    later = (tmp_path / "runs" / "none" / "nodata.json").stat().st_mtime_ns + 10**9
+    os.utime(model / "model.pt", ns=(later, later))  # retrained to the same bytes
+    _, manifest = defend_model(model, plan(none={}, clp={}), tmp_path / "runs")
+    assert manifest["computed"] == 2

@@ -166,9 +166,14 @@ def main(args):
     digests = model_digests(files)
     digests.update({path: file_digest(path) for path in {run.partition for run in runs if run.partition}})
     fingerprints = {run.out: inputs_fingerprint(run, digests) for run in runs}
-    inputs = [files.model, os.path.join(files.data, "meta.json"), files.backdoor, *(run.partition for run in runs)]
-    newest_input = max(os.stat(path).st_mtime_ns for path in inputs if path)
-    pending = [(run, fingerprints[run.out]) for run in runs if not up_to_date(run, fingerprints[run.out], newest_input)]
+    model_inputs = [path for path in (files.model, os.path.join(files.data, "meta.json"), files.backdoor) if path]
+    model_newest = max(os.stat(path).st_mtime_ns for path in model_inputs)
+
+    def newest_input(run: RunSpec) -> int:  # its own partition only: a new seed's leaves the others alone
+        return max(model_newest, os.stat(run.partition).st_mtime_ns) if run.partition else model_newest
+
+    pending = [(run, fingerprints[run.out]) for run in runs
+               if not up_to_date(run, fingerprints[run.out], newest_input(run))]
     print(f"{len(runs)} runs: {len(runs) - len(pending)} up to date, {len(pending)} to compute", flush=True)
     outcomes = run_all(pending, files, args)
     write_json(args.out, {
