@@ -116,3 +116,22 @@ def test_a_model_newer_than_its_runs_reruns_them_as_snakemake_would(digits_backd
     os.utime(model / "model.pt", ns=(later, later))  # retrained to the same bytes
     _, manifest = defend_model(model, plan(none={}, clp={}), tmp_path / "runs")
     assert manifest["computed"] == 2
+
+
+def test_equal_contents_give_equal_files_so_fingerprints_compare_contents(tmp_path):
+    """Written at different times under different temporary names, the bytes are the same."""
+    import numpy as np
+    import torch
+
+    from bdsweep.atomic import write_npz
+    from bdsweep.checkpoint import save_model
+
+    arrays = {"images": np.arange(48, dtype=np.uint8).reshape(4, 4, 3), "labels": np.arange(4)}
+    model = torch.nn.Linear(3, 2)
+    for name in ("first", "second"):
+        write_npz(tmp_path / f"{name}.npz", **arrays)
+        save_model(tmp_path / f"{name}.pt", model, {"architecture": "linear"})
+    for ext in ("npz", "pt"):
+        assert (tmp_path / f"first.{ext}").read_bytes() == (tmp_path / f"second.{ext}").read_bytes()
+    with np.load(tmp_path / "first.npz", allow_pickle=False) as loaded:
+        assert all(np.array_equal(loaded[key], value) for key, value in arrays.items())

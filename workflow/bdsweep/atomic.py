@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +43,13 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+    """An uncompressed .npz, as ``np.savez`` writes, but with fixed member timestamps: equal arrays
+    give equal bytes (run fingerprints hash their input files' contents)."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
 def read_json(path: str | os.PathLike) -> dict:

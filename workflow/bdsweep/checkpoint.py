@@ -16,8 +16,10 @@ from .models import create_model
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict) -> None:
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
+    # Through a file handle: torch.save names the archive's records after a path it is given
+    # (here a random temporary name), so equal weights would give different bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save({"state_dict": state, "meta": meta}, handle)
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
