@@ -21,7 +21,7 @@ from bdsweep.cli import main
 from bdsweep.engine import BatchHook, NonFiniteLoss, Recipe, train
 from bdsweep.models import create_model
 from bdsweep.registry import DEFENSES
-from bdsweep.resume import PREEMPTED_EXIT_CODE, Checkpoint, Preempted
+from bdsweep.resume import PREEMPTED_EXIT_CODE, Checkpoint, Preempted, load_object_state, object_state
 from bdsweep.stages.defend import run_defense
 from conftest import random_mitigation
 
@@ -40,6 +40,10 @@ SMALL = {
     "fst": {"epochs": 2, "batch_size": 16},
     "fp": {"epochs": 2, "batch_size": 16},
     "ft": {"epochs": 2, "batch_size": 16},
+    "awm": {"epochs": 3, "inner": 1, "batch_size": 16},  # 2 trigger and 2 mask steps per epoch
+    "npd": {"warmup_epochs": 2, "epochs": 3, "batch_size": 16},  # 2 batches per epoch
+    "mm-bd": {"epochs": 3, "batch_size": 4, "lambda_every": 1},  # the images it classifies right, in 4s
+    "rnp": {"unlearn_epochs": 3, "recover_epochs": 3, "batch_size": 16, "clean_threshold": 0.0},
 }
 
 
@@ -59,31 +63,76 @@ class SigtermAt:
 def count_steps(monkeypatch, name, stop_at=None) -> SigtermAt:
     """Count a defense's steps where they can be counted, optionally sending SIGTERM at one: the
     engine's per-batch autocast (only train() calls it by that name; the default), i-BAU's per-batch
-    hypergradient, ANP's masked forward passes (three per mask update), NC's trigger-search batches."""
+    hypergradient, ANP's masked forward passes (three per mask update), NC's trigger-search batches;
+    epochs of AWM (its trigger searches), NPD (warm-up, then polarizer), MM-BD and RNP (unlearning,
+    then mask recovery)."""
     import bdsweep.defenses.anp as anp
+    import bdsweep.defenses.awm as awm
     import bdsweep.defenses.ibau as ibau
+    import bdsweep.defenses.mmbd as mmbd
     import bdsweep.defenses.nc as nc
+    import bdsweep.defenses.npd as npd
+    import bdsweep.defenses.rnp as rnp
 
     DEFENSES.entries()  # import every defense first, so none binds the counter in place of engine.autocast
     owner, attribute = {"i-bau": (ibau, "implicit_hypergradient"), "anp": (anp, "functional_call"),
-                        "nc": (nc, "autocast")}.get(name, (engine, "autocast"))
+                        "nc": (nc, "autocast"), "awm": (awm, "universal_perturbation"), "npd": (npd, "batches"),
+                        "mm-bd": (mmbd, "fit_epoch"), "rnp": (rnp, "training_batches")}.get(name, (engine, "autocast"))
     counter = SigtermAt(getattr(owner, attribute), stop_at)
     monkeypatch.setattr(owner, attribute, counter)
     return counter
 
 
-def defend_directly(name, checkpoint=None):
-    """(outcome, model) of the defend stage's run_defense on a fresh small model, seeded as the stage seeds."""
+def defend_directly(name, checkpoint=None, **params):
+    """(outcome, model) of the defend stage's run_defense on a fresh small model, seeded as the stage
+    seeds, with SMALL's hyperparameters updated by ``params``."""
     torch.manual_seed(0)
     model = create_model("small_cnn", 4, 16)
     data = random_mitigation(n=32, num_classes=4, size=16)
     torch.manual_seed(1)
     defense = DEFENSES.get(name)
-    return run_defense(defense, model, data, defense.params(**SMALL[name]), CPU, checkpoint), model
+    return run_defense(defense, model, data, defense.params(**{**SMALL[name], **params}), CPU, checkpoint), model
 
 
 def same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_lists_and_dicts_of_tensors_are_saved_and_restored_into_the_tensors_an_optimiser_holds(tmp_path):
+    """Masks per layer (a dict) and bounds per stage (a list), which a loop's progress holds, round-trip
+    through a checkpoint file; a restored tensor of the same shape is the one the optimiser steps, so
+    optimisation goes on with it."""
+
+    class Loop:
+        def __init__(self):
+            self.masks = {"conv.weight": torch.ones(2, 3, requires_grad=True), "fc.weight": torch.ones(4)}
+            self.bounds = [torch.full((3,), 8.0), torch.full((5,), 8.0)]
+            self.optimiser = torch.optim.SGD([self.masks["conv.weight"]], lr=1.0)
+
+    original = Loop()
+    with torch.no_grad():
+        original.masks["conv.weight"].mul_(0.5)
+        original.bounds[1][2] = 1.0
+    checkpoint = Checkpoint(tmp_path / "loop.ckpt", "job")
+    assert set(object_state(original)) == {"optimiser"}  # a hook's dicts of tensors are per-batch buffers
+    checkpoint.save({"loop": object_state(original, tensor_collections=True)})
+    saved = checkpoint.load()["loop"]
+    assert set(saved) == {"masks", "bounds", "optimiser"}
+
+    resumed = Loop()
+    stepped = resumed.masks["conv.weight"]  # the tensor the optimiser holds
+    load_object_state(resumed, saved)
+    assert resumed.masks["conv.weight"] is stepped and torch.equal(stepped, torch.full((2, 3), 0.5))
+    assert torch.equal(resumed.masks["fc.weight"], torch.ones(4))
+    assert [b.tolist() for b in resumed.bounds] == [[8.0] * 3, [8.0, 8.0, 1.0, 8.0, 8.0]]
+    stepped.sum().backward()
+    resumed.optimiser.step()
+    assert torch.equal(resumed.masks["conv.weight"], torch.full((2, 3), -0.5))
+
+    other = Loop()
+    other.bounds = [torch.zeros(1)]  # a different shape or count is replaced by the saved tensors
+    load_object_state(other, saved)
+    assert [len(b) for b in other.bounds] == [3, 5]
 
 
 @pytest.mark.parametrize("name, stop_at, phases, left", [
@@ -98,6 +147,15 @@ def same_weights(a, b) -> bool:
     # 2 groups x 3 epochs x 2 batches: SIGTERM in epoch 2 of group 2, saved after it; the rerun
     # restores group 1 and does group 2's last epoch
     ("nc", 2 * 3 + 3, ["NC trigger search, classes 0-1", "NC trigger search, classes 2-3"], 2),
+    # 3 epochs: SIGTERM in epoch 2, saved after it; the rerun does epoch 3
+    ("awm", 2, ["AWM epochs"], 1),
+    ("mm-bd", 2, ["MM-BD bounds"], 1),
+    # 2 warm-up and 3 polarizer epochs: SIGTERM in the 2nd warm-up epoch or the 2nd polarizer epoch
+    ("npd", 2, ["NPD warm-up"], 3),
+    ("npd", 2 + 2, ["NPD warm-up", "NPD polarizer"], 1),
+    # 3 unlearning and 3 mask epochs: SIGTERM in the 1st unlearning epoch or the 2nd mask epoch
+    ("rnp", 1, ["RNP unlearning"], 2 + 3),
+    ("rnp", 3 + 2, ["RNP unlearning", "RNP neuron mask"], 1),
 ])
 def test_sigterm_mid_defense_saves_and_the_rerun_matches_an_uninterrupted_run(
         tmp_path, monkeypatch, name, stop_at, phases, left):
@@ -120,7 +178,8 @@ def test_sigterm_mid_defense_saves_and_the_rerun_matches_an_uninterrupted_run(
     assert steps.calls == left  # finished work is restored, not recomputed
 
 
-@pytest.mark.parametrize("name", ["nad", "sau", "pbe", "ft-sam", "fst", "fp", "ft", "i-bau", "anp", "nc"])
+@pytest.mark.parametrize("name", ["nad", "sau", "pbe", "ft-sam", "fst", "fp", "ft", "i-bau", "anp", "nc",
+                                  "awm", "npd", "mm-bd", "rnp"])
 def test_a_rerun_after_the_last_phase_restores_everything_the_defense_reports(tmp_path, monkeypatch, name):
     """SIGTERM after the last phase (e.g. during the final evaluation) leaves every phase finished in
     the checkpoint: the rerun trains nothing and reports what the uninterrupted run reported, so the
@@ -263,7 +322,9 @@ def test_the_engine_names_the_first_non_finite_batch_and_the_gradients_stay_fini
 
 
 @pytest.mark.parametrize("name, where", [("anp", "ANP mask update 1"), ("i-bau", "i-BAU round 1, batch 1"),
-                                         ("nc", "NC trigger search, classes 0-1, epoch 1")])
+                                         ("nc", "NC trigger search, classes 0-1, epoch 1"),
+                                         ("awm", "AWM epoch 1, mask step 1"), ("npd", "NPD warm-up epoch 1, batch 1"),
+                                         ("rnp", "RNP unlearning epoch 1")])
 def test_the_own_loops_report_a_non_finite_loss(monkeypatch, name, where):
     """The own loops check their losses with the engine's LossWatch: a NaN makes the defense fail."""
     cross_entropy = F.cross_entropy
@@ -271,6 +332,13 @@ def test_the_own_loops_report_a_non_finite_loss(monkeypatch, name, where):
     outcome, _ = defend_directly(name)
     assert outcome["status"] == "failed"
     assert outcome["reason"] == f"NonFiniteLoss: non-finite loss (NaN or inf) in {where}"
+
+
+def test_mm_bd_reports_a_non_finite_loss():
+    """MM-BD's loss has no cross-entropy: an overflowing bound penalty makes it infinite instead."""
+    outcome, _ = defend_directly("mm-bd", lam=1e308)
+    assert outcome["status"] == "failed"
+    assert outcome["reason"] == "NonFiniteLoss: non-finite loss (NaN or inf) in MM-BD epoch 1"
 
 
 def test_training_a_model_with_a_nan_loss_fails_with_a_clear_error(prepared, tmp_path, monkeypatch, capsys):

@@ -92,10 +92,23 @@ def _is_numbers(value) -> bool:
     return isinstance(value, (bool, int, float))
 
 
-def object_state(obj) -> dict:
+def _is_tensors(value) -> bool:
+    """A non-empty list or string-keyed dict of tensors (masks per layer, bounds per stage)."""
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(item, torch.Tensor) for item in value)
+    if isinstance(value, dict):
+        return bool(value) and all(isinstance(key, str) and isinstance(item, torch.Tensor)
+                                   for key, item in value.items())
+    return False
+
+
+def object_state(obj, tensor_collections: bool = False) -> dict:
     """The resumable state of an object's attributes: modules, optimisers and schedulers through
     their state dicts, random generators through their states, tensors (accumulators, masks),
-    numbers and lists or dicts of numbers (per-epoch records) as they are."""
+    numbers and lists or dicts of numbers (per-epoch records) as they are. With
+    ``tensor_collections``, also lists and string-keyed dicts of tensors (masks per layer): an
+    object that holds only state asks for them; a training hook does not, as its dicts of tensors
+    are per-batch buffers (layer outputs) that a checkpoint need not carry."""
     state = {}
     for name, value in vars(obj).items():
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
@@ -104,30 +117,46 @@ def object_state(obj) -> dict:
             state[name] = value.get_state()
         elif isinstance(value, torch.Tensor):
             state[name] = value.detach()
+        elif tensor_collections and _is_tensors(value):
+            state[name] = ({key: tensor.detach() for key, tensor in value.items()} if isinstance(value, dict)
+                           else [tensor.detach() for tensor in value])
         elif _is_numbers(value):
             state[name] = value
     return state
 
 
+def _restored_tensor(value, saved: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """``saved`` copied into ``value`` where it is a tensor of the same shape and dtype (so whatever
+    refers to it sees the restored values), else ``saved`` on ``value``'s device or ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.shape == saved.shape and value.dtype == saved.dtype:
+            with torch.no_grad():
+                value.copy_(saved)
+            return value
+        return saved.to(value.device)
+    return saved if device is None else saved.to(device)
+
+
 def load_object_state(obj, state: dict, device: torch.device | None = None) -> None:
-    """Put back what :func:`object_state` captured. Tensors are copied into the existing ones where
-    shapes agree, so whatever refers to them (an optimiser, a closure) sees the restored values; a
-    tensor in place of a non-tensor (an attribute set lazily, e.g. an accumulator that starts as
-    None) goes to ``device``."""
+    """Put back what :func:`object_state` captured. Tensors, also those in lists and dicts, are
+    copied into the existing ones where shapes agree, so whatever refers to them (an optimiser, a
+    closure) sees the restored values; a tensor in place of a non-tensor (an attribute set lazily,
+    e.g. an accumulator that starts as None) goes to ``device``."""
     for name, saved in state.items():
         value = getattr(obj, name, None)  # None: set only after the object was made
         if isinstance(value, (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
             value.load_state_dict(saved)
         elif isinstance(value, torch.Generator):
             value.set_state(saved)
-        elif isinstance(value, torch.Tensor) and isinstance(saved, torch.Tensor):
-            if value.shape == saved.shape and value.dtype == saved.dtype:
-                with torch.no_grad():
-                    value.copy_(saved)
-            else:
-                setattr(obj, name, saved.to(value.device))
         elif isinstance(saved, torch.Tensor):
-            setattr(obj, name, saved if device is None else saved.to(device))
+            setattr(obj, name, _restored_tensor(value, saved, device))
+        elif isinstance(saved, dict) and _is_tensors(saved):
+            current = value if isinstance(value, dict) else {}
+            setattr(obj, name, {key: _restored_tensor(current.get(key), tensor, device)
+                                for key, tensor in saved.items()})
+        elif isinstance(saved, list) and _is_tensors(saved):
+            current = value if isinstance(value, list) and len(value) == len(saved) else [None] * len(saved)
+            setattr(obj, name, [_restored_tensor(old, tensor, device) for old, tensor in zip(current, saved)])
         else:
             setattr(obj, name, type(saved)(saved) if isinstance(saved, (list, dict)) else saved)
 
@@ -263,7 +292,8 @@ class LoopCheckpoint:
             return
         stop = self.preempted()
         if finished or stop:
-            self.phase.save({"progress": object_state(self.progress), "global_rng": global_rng_state()})
+            self.phase.save({"progress": object_state(self.progress, tensor_collections=True),
+                             "global_rng": global_rng_state()})
         if stop:
             raise Preempted(f"stopped by SIGTERM in {self.phase.label}; resume from {self.phase.path}")
 
@@ -271,10 +301,10 @@ class LoopCheckpoint:
 @contextmanager
 def loop_checkpoint(label: str, progress) -> Iterator[LoopCheckpoint]:
     """Make an own loop a phase of the active defense checkpoint. ``progress`` is an object holding
-    everything the loop changes (see :func:`object_state`: modules, optimisers, generators,
-    tensors, numbers, lists or dicts of numbers, e.g. the iteration count); a saved phase is put back into
-    it on entry. The loop calls ``boundary()`` after each iteration. Outside a defense checkpoint
-    this does nothing, and the loop runs as it would without it."""
+    everything the loop changes (see :func:`object_state`: modules, optimisers, generators, tensors
+    and lists or dicts of them, numbers, lists or dicts of numbers, e.g. the iteration count); a
+    saved phase is put back into it on entry. The loop calls ``boundary()`` after each iteration.
+    Outside a defense checkpoint this does nothing, and the loop runs as it would without it."""
     phase = defense_phase(label)
     if phase is None:
         yield LoopCheckpoint(None, progress, lambda: False)

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..engine import autocast
+from ..engine import LossWatch, autocast
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches
 
@@ -95,6 +96,40 @@ def universal_perturbation(forward, data: MitigationData, params: AWMParams, gen
         return (delta * scale).detach()
 
 
+class Progress:
+    """Everything the epochs change (the model's own weights stay as they are): what a checkpoint
+    between epochs holds. The masks are the optimiser's own tensors, restored in place."""
+
+    def __init__(self, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, delta: torch.Tensor):
+        self.masks, self.optimiser, self.schedule, self.generator = masks, optimiser, schedule, generator
+        self.delta = delta  # the last epoch's trigger, which the statistics after the loop use
+        self.epoch, self.final_loss = 0, float("nan")
+
+
+def train_mask(forward, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer, delta: torch.Tensor,
+               data: MitigationData, params: AWMParams, generator: torch.Generator, watch: LossWatch,
+               first_step: int) -> torch.Tensor:
+    """One epoch's mask training against the trigger ``delta``; the last step's loss. ``watch``
+    sees each step's loss as step ``first_step`` + step number."""
+    step = first_step
+    for _ in range(params.inner):
+        for images, labels in batches(data, params.batch_size, generator, normalise=False):
+            clean_loss = F.cross_entropy(forward(images), labels)
+            adversarial_loss = F.cross_entropy(forward((images + delta).clamp(0, 1)), labels)
+            sparsity = sum(mask.abs().sum() for mask in masks.values())
+            loss = params.alpha * clean_loss + (1 - params.alpha) * adversarial_loss + params.gamma * sparsity
+            watch.observe(loss, step)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                for mask in masks.values():
+                    mask.clamp_(0.0, 1.0)
+            step += 1
+    return loss.detach()
+
+
 def learn_mask(model: nn.Module, data: MitigationData, params: AWMParams, generator: torch.Generator
                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict]:
     """The min-max optimisation; leaves the model's own weights untouched. (masks, last trigger, stats)."""
@@ -104,28 +139,31 @@ def learn_mask(model: nn.Module, data: MitigationData, params: AWMParams, genera
     forward = masked_forward(model, masks, data)
     optimiser = torch.optim.Adam(masks.values(), lr=params.lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=params.lr_decay)
-    for _ in range(params.epochs):
-        delta = universal_perturbation(forward, data, params, generator)
-        for _ in range(params.inner):
-            for images, labels in batches(data, params.batch_size, generator, normalise=False):
-                clean_loss = F.cross_entropy(forward(images), labels)
-                adversarial_loss = F.cross_entropy(forward((images + delta).clamp(0, 1)), labels)
-                sparsity = sum(mask.abs().sum() for mask in masks.values())
-                loss = params.alpha * clean_loss + (1 - params.alpha) * adversarial_loss + params.gamma * sparsity
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                with torch.no_grad():
-                    for mask in masks.values():
-                        mask.clamp_(0.0, 1.0)
-        schedule.step()
+    _, height, width, channels = data.images.shape
+    progress = Progress(masks, optimiser, schedule, generator,
+                        torch.zeros(1, channels, height, width, device=data.images.device))
+    per_epoch = params.inner * -(-len(data) // params.batch_size)
+    watch = LossWatch(data.images.device, lambda step: f"AWM epoch {step // per_epoch + 1}, "
+                      f"mask step {step % per_epoch + 1}")
+    with loop_checkpoint("AWM epochs", progress) as checkpoint:  # saved between epochs
+        while progress.epoch < params.epochs:
+            delta = universal_perturbation(forward, data, params, generator)
+            loss = train_mask(forward, masks, optimiser, delta, data, params, generator, watch,
+                              progress.epoch * per_epoch)
+            schedule.step()
+            watch.check()
+            progress.delta.copy_(delta)
+            progress.final_loss = float(loss)
+            progress.epoch += 1
+            checkpoint.boundary(finished=progress.epoch == params.epochs)
+    delta = progress.delta
     with torch.no_grad():
         robust = sum(int((forward((images + delta).clamp(0, 1)).argmax(1) == labels).sum())
                      for images, labels in batches(data, params.batch_size, generator, normalise=False)) / len(data)
     model.train(was_training)
     for parameter, flag in zip(model.parameters(), requires_grad):
         parameter.requires_grad_(flag)
-    stats = {"final_loss": float(loss.detach()), "trigger_l1": float(delta.abs().sum()),
+    stats = {"final_loss": progress.final_loss, "trigger_l1": float(delta.abs().sum()),
              "mitigation_accuracy_under_trigger": robust}
     return {name: mask.detach() for name, mask in masks.items()}, delta, stats
 

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..engine import LossWatch
 from ..models import insert_after
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import accuracy, layer_outputs, subset
 
@@ -97,6 +99,37 @@ def channel_maxima(model: nn.Module, names: list[str], data) -> list[torch.Tenso
     return maxima
 
 
+class Progress:
+    """Everything the epochs change (the bounds, not the frozen weights): what a checkpoint between
+    epochs holds. ``kept`` are the last bounds that met the accuracy constraint."""
+
+    def __init__(self, clamps: list[ActivationBound], optimiser: torch.optim.Optimizer, generator: torch.Generator,
+                 lam: float, initial: list[torch.Tensor]):
+        self.clamps = nn.ModuleList(clamps)  # the model's own clamps: restored in place
+        self.optimiser, self.generator, self.lam = optimiser, generator, lam
+        self.kept, self.kept_epoch, self.last_accuracy = [b.clone() for b in initial], 0, 1.0
+        self.epoch = 0
+
+
+def fit_epoch(model: nn.Module, fit, reference: torch.Tensor, progress: Progress, initial: list[torch.Tensor],
+              params: MMBDParams, watch: LossWatch) -> None:
+    """One shuffled pass of Adam steps on the bounds, each projected back under its starting value;
+    ``watch`` sees the losses as steps of epoch ``progress.epoch``."""
+    clamps = progress.clamps
+    order = torch.randperm(len(fit), generator=progress.generator).to(reference.device)
+    for start in range(0, len(fit), params.batch_size):
+        index = order[start:start + params.batch_size]
+        logits = model(fit.normalisation.apply(fit.images[index])).float()
+        loss = (logits - reference[index]).pow(2).mean() + progress.lam * sum(c.bound.norm() for c in clamps)
+        watch.observe(loss, progress.epoch)
+        progress.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        progress.optimiser.step()
+        with torch.no_grad():  # a bound above the observed maximum would only let triggers through
+            for clamp, top in zip(clamps, initial):
+                clamp.bound.copy_(torch.minimum(clamp.bound, top))
+
+
 @defense("mm-bd", "MM-BD: learned per-channel activation upper bounds (margin limiting)", MMBDParams,
          family="pruning")
 def mm_bd(model, data, params: MMBDParams, device):
@@ -122,25 +155,24 @@ def mm_bd(model, data, params: MMBDParams, device):
         p.requires_grad_(False)  # only the bounds learn
     optimiser = torch.optim.Adam([c.bound for c in clamps], lr=params.lr)
     generator = torch.Generator().manual_seed(run_seed())
-    lam, floor = params.lam, 1 - params.allowed_drop
-    kept, kept_epoch, last_accuracy = [b.clone() for b in initial], 0, 1.0
-    for epoch in range(1, params.epochs + 1):
-        order = torch.randperm(len(fit), generator=generator).to(device)
-        for start in range(0, len(fit), params.batch_size):
-            index = order[start:start + params.batch_size]
-            logits = model(fit.normalisation.apply(fit.images[index])).float()
-            loss = (logits - reference[index]).pow(2).mean() + lam * sum(c.bound.norm() for c in clamps)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():  # a bound above the observed maximum would only let triggers through
-                for clamp, top in zip(clamps, initial):
-                    clamp.bound.copy_(torch.minimum(clamp.bound, top))
-        last_accuracy = exact_accuracy(model, fit)
-        if last_accuracy >= floor:
-            kept, kept_epoch = [c.bound.detach().clone() for c in clamps], epoch
-        if epoch % params.lambda_every == 0 and epoch < params.epochs:
-            lam = lam * params.lambda_factor if last_accuracy >= floor else lam / params.lambda_factor
+    floor = 1 - params.allowed_drop
+    progress = Progress(clamps, optimiser, generator, params.lam, initial)
+    watch = LossWatch(fit.images.device, lambda epoch: f"MM-BD epoch {epoch + 1}")
+    with loop_checkpoint("MM-BD bounds", progress) as checkpoint:  # saved between epochs
+        while progress.epoch < params.epochs:
+            fit_epoch(model, fit, reference, progress, initial, params, watch)
+            watch.check()
+            progress.epoch += 1
+            epoch, progress.last_accuracy = progress.epoch, exact_accuracy(model, fit)
+            if progress.last_accuracy >= floor:
+                progress.kept, progress.kept_epoch = [c.bound.detach().clone() for c in clamps], epoch
+            if epoch % params.lambda_every == 0 and epoch < params.epochs:
+                if progress.last_accuracy >= floor:
+                    progress.lam *= params.lambda_factor
+                else:
+                    progress.lam /= params.lambda_factor
+            checkpoint.boundary(finished=epoch == params.epochs)
+    kept, kept_epoch, last_accuracy, lam = progress.kept, progress.kept_epoch, progress.last_accuracy, progress.lam
 
     with torch.no_grad():
         for clamp, bound in zip(clamps, kept):

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import autocast
+from ..engine import LossWatch, autocast
 from ..models import insert_after
+from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches
 
@@ -125,6 +126,15 @@ def polarizer_loss(clean_logits, adv_logits, labels, targets, params: NPDParams)
             + params.lambda_target * -torch.log(1.0001 - probs.gather(1, targets[:, None])).mean())
 
 
+class Progress:
+    """Everything a training loop of the polarizer changes (every other weight is frozen): what a
+    checkpoint between epochs holds. The counts are the last epoch's perturbation outcomes."""
+
+    def __init__(self, polarizer: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator):
+        self.polarizer, self.optimiser, self.generator = polarizer, optimiser, generator
+        self.epoch = self.hit_target = self.hit_label = self.seen = 0
+
+
 @defense("npd", "NPD: train an inserted 1x1 conv+BN polarizer against targeted L2 perturbations", NPDParams,
          family="pruning")
 def neural_polarizer(model, data, params: NPDParams, device):
@@ -150,36 +160,59 @@ def neural_polarizer(model, data, params: NPDParams, device):
     def epoch_batches():
         return batches(data, params.batch_size, generator, augment=params.augment, normalise=False)
 
-    warmup = torch.optim.SGD(polarizer.parameters(), lr=params.warmup_lr)
-    for _ in range(params.warmup_epochs):
-        for x, y in epoch_batches():
-            warmup.zero_grad(set_to_none=True)
-            F.cross_entropy(forward(x), y).backward()
-            warmup.step()
+    per_epoch = -(-n // params.batch_size)
+
+    def checkpointed_epochs(stage: str, progress: Progress, epochs: int, train_batch) -> None:
+        """``epochs`` epochs of ``train_batch(x, y)`` (which returns the loss), a phase of the defense
+        checkpoint saved between epochs; losses are checked for NaN at each epoch's end."""
+        watch = LossWatch(data.images.device, lambda step: f"NPD {stage} epoch {step // per_epoch + 1}, "
+                          f"batch {step % per_epoch + 1}")
+        with loop_checkpoint(f"NPD {stage}", progress) as checkpoint:
+            while progress.epoch < epochs:
+                for step, (x, y) in enumerate(epoch_batches(), progress.epoch * per_epoch):
+                    watch.observe(train_batch(x, y), step)
+                watch.check()
+                progress.epoch += 1
+                checkpoint.boundary(finished=progress.epoch == epochs)
+
+    warmup = Progress(polarizer, torch.optim.SGD(polarizer.parameters(), lr=params.warmup_lr), generator)
+
+    def warmup_batch(x, y):
+        loss = F.cross_entropy(forward(x), y)
+        warmup.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        warmup.optimiser.step()
+        return loss
+
+    checkpointed_epochs("warm-up", warmup, params.warmup_epochs, warmup_batch)
 
     optimiser = torch.optim.SGD(polarizer.parameters(), lr=params.lr, momentum=params.momentum,
                                 weight_decay=params.weight_decay)
-    hit_target = hit_label = seen = 0
-    for epoch in range(params.epochs):
-        for x, y in epoch_batches():
-            with torch.no_grad():
-                targets = estimated_target(forward(x), y)
-            adversarial = targeted_pgd(forward, x, targets, params)
-            clean_logits, adv_logits = forward(x), forward(adversarial)
-            loss = polarizer_loss(clean_logits, adv_logits, y, targets, params)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if epoch == params.epochs - 1:  # how the perturbations fared in the last epoch
-                predicted = adv_logits.detach().argmax(1)
-                hit_target += int((predicted == targets).sum())
-                hit_label += int((predicted == y).sum())
-                seen += len(y)
+    progress = Progress(polarizer, optimiser, generator)
+
+    def polarizer_batch(x, y):
+        with torch.no_grad():
+            targets = estimated_target(forward(x), y)
+        adversarial = targeted_pgd(forward, x, targets, params)
+        clean_logits, adv_logits = forward(x), forward(adversarial)
+        loss = polarizer_loss(clean_logits, adv_logits, y, targets, params)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if progress.epoch == params.epochs - 1:  # how the perturbations fared in the last epoch
+            predicted = adv_logits.detach().argmax(1)
+            progress.hit_target += int((predicted == targets).sum())
+            progress.hit_label += int((predicted == y).sum())
+            progress.seen += len(y)
+        return loss
+
+    checkpointed_epochs("polarizer", progress, params.epochs, polarizer_batch)
 
     for p in frozen:
         p.requires_grad_(True)
     details = {"polarizer_after": model.parts.polarizer, "channels": polarizer[0].out_channels,
-               "polarizer_updates": params.epochs * -(-n // params.batch_size), "notes": notes}
-    if seen:
-        details.update(last_epoch_adv_target_rate=hit_target / seen, last_epoch_adv_accuracy=hit_label / seen)
+               "polarizer_updates": params.epochs * per_epoch, "notes": notes}
+    if progress.seen:
+        details.update(last_epoch_adv_target_rate=progress.hit_target / progress.seen,
+                       last_epoch_adv_accuracy=progress.hit_label / progress.seen)
     return Defended(model, details)

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..engine import autocast
+from ..engine import LossWatch, autocast
 from ..models import batch_norms
 from ..params import check_ranges
+from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches
 
@@ -85,6 +86,17 @@ def training_batches(data: MitigationData, params: RNPParams, generator: torch.G
             yield x, y
 
 
+class Progress:
+    """Everything a stage's epochs change: what a checkpoint between epochs holds. ``trained`` is
+    what the stage learns (the unlearned copy, or the masks: the optimiser's tensors, restored in place)."""
+
+    def __init__(self, trained: nn.Module | dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+                 generator: torch.Generator, schedule: torch.optim.lr_scheduler.LRScheduler | None = None):
+        self.trained, self.optimiser, self.generator, self.schedule = trained, optimiser, generator, schedule
+        self.epochs, self.done = 0, False
+        self.train_accuracy = 1.0  # of the last epoch; unlearning only
+
+
 def unlearn(model: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator
             ) -> tuple[int, float]:
     """Gradient ascent on the clean loss, in place; (epochs run, training accuracy of the last one)."""
@@ -92,24 +104,29 @@ def unlearn(model: nn.Module, data: MitigationData, params: RNPParams, generator
                                 weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, list(params.unlearn_milestones), gamma=0.1)
     model.train()
-    epochs = 0
-    while epochs < params.unlearn_epochs:
-        correct, seen = torch.zeros((), dtype=torch.long, device=data.images.device), 0
-        for x, y in training_batches(data, params, generator):
-            with autocast(x.device):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimiser.zero_grad(set_to_none=True)
-            (-loss).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
-            optimiser.step()
-            correct += (logits.argmax(1) == y).sum()  # summed on the device: one sync per epoch
-            seen += len(y)
-        schedule.step()
-        epochs, train_accuracy = epochs + 1, correct.item() / seen
-        if train_accuracy <= params.clean_threshold:
-            break
-    return epochs, train_accuracy
+    progress = Progress(model, optimiser, generator, schedule)
+    watch = LossWatch(data.images.device, lambda epoch: f"RNP unlearning epoch {epoch + 1}")
+    with loop_checkpoint("RNP unlearning", progress) as checkpoint:  # saved between epochs
+        while not progress.done:
+            correct, seen = torch.zeros((), dtype=torch.long, device=data.images.device), 0
+            for x, y in training_batches(data, params, generator):
+                with autocast(x.device):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                watch.observe(loss, progress.epochs)
+                optimiser.zero_grad(set_to_none=True)
+                (-loss).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
+                optimiser.step()
+                correct += (logits.argmax(1) == y).sum()  # summed on the device: one sync per epoch
+                seen += len(y)
+            schedule.step()
+            watch.check()
+            progress.epochs, progress.train_accuracy = progress.epochs + 1, correct.item() / seen
+            progress.done = (progress.epochs == params.unlearn_epochs
+                             or progress.train_accuracy <= params.clean_threshold)
+            checkpoint.boundary(finished=progress.done)
+    return progress.epochs, progress.train_accuracy
 
 
 def learn_neuron_mask(unlearned: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator
@@ -120,18 +137,26 @@ def learn_neuron_mask(unlearned: nn.Module, data: MitigationData, params: RNPPar
     masks = {name: torch.ones(bn.num_features, device=bn.weight.device, requires_grad=True) for name, bn in norms}
     optimiser = torch.optim.SGD(masks.values(), lr=params.recover_lr, momentum=params.momentum)
     unlearned.requires_grad_(False).train()  # train mode as in the toolkit: BN normalises with batch statistics
-    for _ in range(params.recover_epochs):
-        for x, y in training_batches(data, params, generator):
-            masked = {f"{name}.weight": bn.weight * masks[name] for name, bn in norms}
-            with autocast(x.device):
-                logits = functional_call(unlearned, masked, (x,))
-            loss = params.alpha * F.cross_entropy(logits.float(), y)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                for mask in masks.values():
-                    mask.clamp_(0.0, 1.0)
+    # The BN running statistics this updates are not in the checkpoint: in train mode they never reach the outputs.
+    progress = Progress(masks, optimiser, generator)
+    watch = LossWatch(data.images.device, lambda epoch: f"RNP mask recovery epoch {epoch + 1}")
+    with loop_checkpoint("RNP neuron mask", progress) as checkpoint:  # saved between epochs
+        while progress.epochs < params.recover_epochs:
+            for x, y in training_batches(data, params, generator):
+                masked = {f"{name}.weight": bn.weight * masks[name] for name, bn in norms}
+                with autocast(x.device):
+                    logits = functional_call(unlearned, masked, (x,))
+                loss = params.alpha * F.cross_entropy(logits.float(), y)
+                watch.observe(loss, progress.epochs)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    for mask in masks.values():
+                        mask.clamp_(0.0, 1.0)
+            watch.check()
+            progress.epochs += 1
+            checkpoint.boundary(finished=progress.epochs == params.recover_epochs)
     return {name: mask.detach() for name, mask in masks.items()}
 
 
