@@ -135,3 +135,27 @@ def test_equal_contents_give_equal_files_so_fingerprints_compare_contents(tmp_pa
         assert (tmp_path / f"first.{ext}").read_bytes() == (tmp_path / f"second.{ext}").read_bytes()
     with np.load(tmp_path / "first.npz", allow_pickle=False) as loaded:
         assert all(np.array_equal(loaded[key], value) for key, value in arrays.items())
+
+
+def test_sigterm_stops_the_job_keeping_finished_runs_and_the_rerun_resumes_the_interrupted_one(
+        digits_backdoor, tmp_path, monkeypatch, one_thread):
+    from test_defense_resume import comparable, count_steps
+
+    from bdsweep.resume import PREEMPTED_EXIT_CODE
+
+    defenses = plan(none={}, ft={"epochs": 2, "batch_size": 32})  # FT: 2 epochs x 4 batches
+    steps = count_steps(monkeypatch, "ft")
+    defend_model(digits_backdoor, defenses, tmp_path / "reference")
+    uninterrupted = steps.calls
+    steps.call, steps.calls = 5, 0
+    code, _ = defend_model(digits_backdoor, defenses, tmp_path / "run")
+    assert code == PREEMPTED_EXIT_CODE and not (tmp_path / "run" / "manifest.json").exists()
+    assert (tmp_path / "run" / "none" / "nodata.json").exists()
+    ft = tmp_path / "run" / "ft" / "spc10-seed0.json"
+    assert ft.with_suffix(".ckpt").exists() and not ft.exists()
+    steps.call, steps.calls = None, 0
+    code, manifest = defend_model(digits_backdoor, defenses, tmp_path / "run")
+    assert code == 0 and [run["defense"] for run in manifest["runs"] if run["computed"]] == ["ft"]
+    assert steps.calls <= uninterrupted - 4  # resumed: the steps before SIGTERM are not redone
+    for run in ("none/nodata.json", "ft/spc10-seed0.json"):
+        assert comparable(tmp_path / "run" / run) == comparable(tmp_path / "reference" / run)
