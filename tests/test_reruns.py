@@ -105,7 +105,8 @@ def test_editing_a_plotting_function_redraws_only_the_figures_that_use_it(tiny, 
     assert users and users != set(FIGURES)
     # An edited copy of the workflow, run on the same results directory.
     copy = tmp_path / "workflow-copy"
-    shutil.copytree(REPO / "workflow", copy / "workflow", ignore=shutil.ignore_patterns("__pycache__"))
+    for directory in ("workflow", "envs"):
+        shutil.copytree(REPO / directory, copy / directory, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "Snakefile", copy / "Snakefile")
     figures_py = copy / "workflow" / "bdsweep" / "figures.py"
     source = figures_py.read_text()
