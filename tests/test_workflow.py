@@ -137,3 +137,12 @@ def test_config_yaml_of_the_working_directory_is_used(tmp_path):
     result = plan("--directory", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "results/data/mydigits/meta.json" in result.stdout
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_each_profile_plans_the_demo(tmp_path, profile):
+    """The profiles parse and plan (their SLURM use is tests/test_slurm.py, where a cluster answers)."""
+    result = plan("--profile", str(REPO / "workflow" / "profiles" / profile), "--directory", str(tmp_path),
+                  "--configfile", str(REPO / "config.yaml"), "--quiet", "rules")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "defend_model 9" in " ".join(result.stdout.split())
