@@ -91,8 +91,9 @@ def test_deleting_one_run_file_reruns_exactly_that_run(demo):
     victim = sorted(before)[3]
     victim.unlink()
     # Snakemake sees models, not runs: forcing the model's job recomputes only its missing run.
-    manifest = demo / "results" / "manifests" / victim.relative_to(demo / "results" / "runs").parent.parent
-    snakemake(demo, "--forcerun", f"{manifest}.json")
+    # (Paths relative to the working directory, as Snakemake names its files.)
+    model = victim.relative_to(demo / "results" / "runs").parent.parent
+    snakemake(demo, "--forcerun", f"results/manifests/{model}.json")
     assert victim.exists()
     assert {path: mtime for path, mtime in run_mtimes(demo).items() if path != victim} == {
         path: mtime for path, mtime in before.items() if path != victim}
