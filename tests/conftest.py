@@ -67,6 +67,10 @@ def synthetic_raw(num_classes=4, per_class_train=30, per_class_test=10, size=16,
     return RawDataset(x_train, y_train, x_test, y_test, tuple(f"c{i}" for i in range(num_classes)))
 
 
+# Every architecture but vgg19_bn, which runs through the same code (defenses name no architecture)
+# but takes ~10 s just to build on one CPU thread (its 4096-wide classifier).
+QUICK_ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large"]
+
 @pytest.fixture
 def prepared(tmp_path):
     """A prepared synthetic dataset directory."""

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from bdsweep.defenses import Defended
 from bdsweep.defenses.ftsam import FTSAMParams, SharpnessAwareStep, adaptive_perturbation
 from bdsweep.models import create_model
+from conftest import QUICK_ARCHITECTURES as ARCHITECTURES
 from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# vgg19_bn passes too but only building it takes ~10 s on one CPU thread (its 4096-wide classifier).
-ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large"]
 TINY = {"epochs": 1}
 
 

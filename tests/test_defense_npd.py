@@ -8,12 +8,11 @@ import torch
 from bdsweep.defenses import Defended
 from bdsweep.defenses.npd import NPDParams, estimated_target, insert_polarizer, project_l2, targeted_pgd
 from bdsweep.models import create_model
+from conftest import QUICK_ARCHITECTURES as ARCHITECTURES
 from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# vgg19_bn passes too but only building it takes ~10 s on one CPU thread (its 4096-wide classifier).
-ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large"]
 TINY = {"warmup_epochs": 1, "epochs": 1, "inner_steps": 1}
 
 

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from bdsweep.defenses import Defended
 from bdsweep.defenses.pbe import PBEParams, untargeted_pgd
 from bdsweep.models import create_model
+from conftest import QUICK_ARCHITECTURES as ARCHITECTURES
 from conftest import defend, random_mitigation, run_defense
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# vgg19_bn works through the same code (no architecture names), but only building it takes ~10 s on one thread.
-ARCHITECTURES = ["small_cnn", "preact_resnet18", "efficientnet_b3", "mobilenet_v3_large"]
 TINY = {"epochs": 2, "adversarial_epochs": 1, "pgd_steps": 1}
 
 
