@@ -148,3 +148,21 @@ def test_by_dataset_overrides_reach_the_job_params():
     config = validate_config(changed(defenses__clp={"u": 3.0, "by_dataset": {"digits": {"u": 5.0}}}))
     assert params_json(config, "defenses", "clp", "digits") == '{"u": 5.0}'
     assert params_json(config, "defenses", "clp", "other") == '{"u": 3.0}'
+
+
+def test_by_architecture_overrides_reach_the_job_params_most_specific_last():
+    from bdsweep.grid import defense_plan, params_json
+
+    config = validate_config(changed(defenses__clp={
+        "u": 3.0, "by_architecture": {"small_cnn": {"u": 4.0}},
+        "by_dataset": {"digits": {"u": 5.0, "by_architecture": {"small_cnn": {"u": 6.0}}}}}))
+    assert params_json(config, "defenses", "clp", "other", "other_arch") == '{"u": 3.0}'
+    assert params_json(config, "defenses", "clp", "other", "small_cnn") == '{"u": 4.0}'
+    assert params_json(config, "defenses", "clp", "digits", "other_arch") == '{"u": 5.0}'
+    assert params_json(config, "defenses", "clp", "digits", "small_cnn") == '{"u": 6.0}'
+    assert defense_plan(config, "digits", "small_cnn")["clp"]["params"] == {"u": 6.0}
+
+
+def test_a_bad_by_architecture_override_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="defenses.clp.*'v'"):
+        validate_config(changed(defenses__clp={"by_architecture": {"small_cnn": {"v": 1}}}))

@@ -5,6 +5,7 @@ dataset paths, and SPC against the reserved pool. Every error names the offendin
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import jsonschema
@@ -55,12 +56,18 @@ def check_schema(config: dict) -> None:
             f"  {_key(e.absolute_path)}: {e.message}" for e in errors))
 
 
-def method_params(entry: dict | None, dataset: str) -> dict:
-    """A method's overrides for one dataset: its general keys, then by_dataset[dataset]."""
+def method_params(entry: dict | None, dataset: str, architecture: str | None = None) -> dict:
+    """A method's overrides for one (dataset, architecture), most specific last: its general keys,
+    by_architecture[architecture], by_dataset[dataset], and that dataset's own
+    by_architecture[architecture] (FORK keeps one YAML per (dataset, model))."""
     entry = dict(entry or {})
     entry.pop("only_datasets", None)
     by_dataset = entry.pop("by_dataset", {}) or {}
-    return {**entry, **by_dataset.get(dataset, {})}
+    by_architecture = entry.pop("by_architecture", {}) or {}
+    for_dataset = dict(by_dataset.get(dataset, {}) or {})
+    for_dataset_architecture = for_dataset.pop("by_architecture", {}) or {}
+    return {**entry, **by_architecture.get(architecture, {}), **for_dataset,
+            **for_dataset_architecture.get(architecture, {})}
 
 
 def applies_to(entry: dict | None, dataset: str) -> bool:
@@ -76,10 +83,10 @@ def _check_name(registry, name: str, key: str) -> object:
         raise ConfigError(f"{key}: {error}") from None
 
 
-def _check_params(params_class, entry, datasets, key: str) -> None:
-    for dataset in datasets:
+def _check_params(params_class, entry, datasets, architectures, key: str) -> None:
+    for dataset, architecture in itertools.product(datasets, [None, *architectures]):
         try:
-            resolve(params_class, method_params(entry, dataset), key)
+            resolve(params_class, method_params(entry, dataset, architecture), key)
         except (KeyError, TypeError) as error:
             raise ConfigError(str(error).strip('"')) from None
         except ValueError as error:
@@ -87,7 +94,7 @@ def _check_params(params_class, entry, datasets, key: str) -> None:
 
 
 def check_semantics(config: dict) -> None:
-    datasets = list(config["datasets"])
+    datasets, architectures = list(config["datasets"]), list(config["architectures"])
     for name, options in config["datasets"].items():
         source = _check_name(SOURCES, options["source"], f"datasets.{name}.source")
         for option in options:
@@ -103,12 +110,14 @@ def check_semantics(config: dict) -> None:
     for architecture in config["architectures"]:
         _check_name(ARCHITECTURES, architecture, "architectures")
     for attack, entry in config["attacks"].items():
-        _check_params(_check_name(ATTACKS, attack, "attacks").params, entry, datasets, f"attacks.{attack}")
+        _check_params(_check_name(ATTACKS, attack, "attacks").params, entry, datasets, architectures,
+                      f"attacks.{attack}")
     for defense, entry in config["defenses"].items():
-        _check_params(_check_name(DEFENSES, defense, "defenses").params, entry, datasets, f"defenses.{defense}")
+        _check_params(_check_name(DEFENSES, defense, "defenses").params, entry, datasets, architectures,
+                      f"defenses.{defense}")
     if "only_datasets" in (config["training"] or {}):
         raise ConfigError("training.only_datasets: only attacks and defenses can be restricted to datasets")
-    _check_params(Recipe, config["training"], datasets, "training")
+    _check_params(Recipe, config["training"], datasets, architectures, "training")
     mitigation = config["mitigation"]
     too_big = [spc for spc in mitigation["spc"] if spc > mitigation["pool_per_class"]]
     if too_big:

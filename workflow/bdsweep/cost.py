@@ -325,10 +325,11 @@ def _evaluation_passes(facts: DatasetFacts, backdoored: bool) -> float:
 
 
 def training_passes(config: dict, model: grid.ModelKey, facts: DatasetFacts) -> float:
-    recipe = resolve(Recipe, method_params(config["training"], model.dataset), "training")
+    recipe = resolve(Recipe, method_params(config["training"], model.dataset, model.architecture), "training")
     passes = recipe.epochs * facts.train
     if model.attack == "iab":  # its pattern generator trains in every step; its mask generator first
-        iab = resolve(ATTACKS.get("iab").params, method_params(config["attacks"]["iab"], model.dataset), "attacks.iab")
+        overrides = method_params(config["attacks"]["iab"], model.dataset, model.architecture)
+        iab = resolve(ATTACKS.get("iab").params, overrides, "attacks.iab")
         passes = 2 * passes + iab.mask_epochs * facts.train
     return passes + _evaluation_passes(facts, model.attack != CLEAN)
 
@@ -337,7 +338,9 @@ def resource_passes(config: dict, dataset: str, scope: str, attack: str) -> floa
     """LF's perturbation: its signed-gradient steps through the clean model; others are not modelled
     (SSBA: a small encoder, minutes) or need no GPU (patches, patterns, signals)."""
     if attack == "lf":
-        lf = resolve(ATTACKS.get("lf").params, method_params(config["attacks"]["lf"], dataset), "attacks.lf")
+        architecture = None if scope == SHARED_SCOPE else scope
+        overrides = method_params(config["attacks"]["lf"], dataset, architecture)
+        lf = resolve(ATTACKS.get("lf").params, overrides, "attacks.lf")
         return lf.steps * lf.batch_size
     return None if attack == "ssba" else 0.0
 
@@ -389,7 +392,7 @@ def estimate(config: dict, throughput: Throughput) -> Estimate:
         kinds = Counter((run["defense"], run["dataset"], run["architecture"], run["attack"] == CLEAN,
                          parse_mitigation(run["mitigation"])[0]) for run in built.runs)
         for (name, dataset, architecture, clean, spc), runs in sorted(kinds.items(), key=str):
-            params = resolve(DEFENSES.get(name).params, method_params(config["defenses"][name], dataset),
+            params = resolve(DEFENSES.get(name).params, method_params(config["defenses"][name], dataset, architecture),
                              f"defenses.{name}")
             size = MitigationSize((spc or 0) * facts[dataset].classes, facts[dataset].classes)
             passes = runs * (defense_passes(name, params, size, warned)

@@ -59,17 +59,19 @@ def runs(config: dict) -> list[dict]:
             if applies_to(entry, model.dataset) for token in mitigations(config, defense)]
 
 
-def defense_plan(config: dict, dataset: str) -> dict:
-    """The runs of each model of ``dataset``: for every defense that applies to it, its overrides
-    and its mitigation tokens (the defend_model rule's ``--defenses``)."""
-    return {defense: {"params": method_params(entry, dataset), "mitigations": mitigations(config, defense)}
+def defense_plan(config: dict, dataset: str, architecture: str | None = None) -> dict:
+    """The runs of each model of ``(dataset, architecture)``: for every defense that applies to it,
+    its overrides and its mitigation tokens (the defend_model rule's ``--defenses``)."""
+    return {defense: {"params": method_params(entry, dataset, architecture),
+                      "mitigations": mitigations(config, defense)}
             for defense, entry in config["defenses"].items() if applies_to(entry, dataset)}
 
 
-def params_json(config: dict, section: str, name: str | None, dataset: str) -> str:
-    """The overrides of a method (or of ``training``) for one dataset, as canonical JSON."""
+def params_json(config: dict, section: str, name: str | None, dataset: str, architecture: str | None = None) -> str:
+    """The overrides of a method (or of ``training``) for one dataset (and architecture, where the
+    job has one), as canonical JSON."""
     entry = config[section] if name is None else config[section][name]
-    return json.dumps(method_params(entry, dataset), sort_keys=True)
+    return json.dumps(method_params(entry, dataset, architecture), sort_keys=True)
 
 
 def batch_percent(attempt: int) -> int:

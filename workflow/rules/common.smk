@@ -42,12 +42,16 @@ RESULTS = CONFIG["results"]
                     layout.TABLE, layout.FIGURE, layout.SUMMARY)
 )
 LOGS = os.path.join(RESULTS, "logs")
-# The runs of each dataset's models, as the defend_model rule's `--defenses` (equal for every model
-# of a dataset, so computed once per dataset).
-DEFENSE_PLANS = {dataset: json.dumps(grid.defense_plan(CONFIG, dataset), sort_keys=True) for dataset in CONFIG["datasets"]}
+# The runs of each (dataset, architecture)'s models, as the defend_model rule's `--defenses` (equal
+# for every model of the pair, so computed once per pair).
+DEFENSE_PLANS = {
+    (dataset, architecture): json.dumps(grid.defense_plan(CONFIG, dataset, architecture), sort_keys=True)
+    for dataset in CONFIG["datasets"]
+    for architecture in CONFIG["architectures"]
+}
 MODELS = [MODEL.format(**model.wildcards()) for model in grid.models(CONFIG)]
 MANIFESTS = [MANIFEST.format(**model.wildcards()) for model in grid.models(CONFIG)
-             if DEFENSE_PLANS[model.dataset] != "{}"]
+             if DEFENSE_PLANS[model.dataset, model.architecture] != "{}"]
 FIGURE_NAMES = sorted(FIGURES)
 SUMMARY_NAMES = sorted(TABLES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
@@ -76,10 +80,11 @@ def data_files(dataset):
 
 
 def params_of(section):
-    """Rule params: a method's (or the training recipe's) overrides for the job's dataset, as JSON."""
+    """Rule params: a method's (or the training recipe's) overrides for the job's dataset (and
+    architecture, where the job has one), as JSON."""
     wildcard = {"attacks": "attack", "defenses": "defense"}.get(section)
     return lambda wildcards: grid.params_json(
-        CONFIG, section, wildcards[wildcard] if wildcard else None, wildcards.dataset
+        CONFIG, section, wildcards[wildcard] if wildcard else None, wildcards.dataset, wildcards.get("architecture")
     )
 
 
@@ -137,7 +142,8 @@ def optional_flag(flag, name):
 def defend_model_inputs(wildcards):
     """A model's runs read the model, its record, the dataset, its backdoor test set and every
     partition its data-using defenses draw on."""
-    tokens = {token for entry in grid.defense_plan(CONFIG, wildcards.dataset).values() for token in entry["mitigations"]}
+    plan = grid.defense_plan(CONFIG, wildcards.dataset, wildcards.architecture)
+    tokens = {token for entry in plan.values() for token in entry["mitigations"]}
     partitions = [PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
                   for spc, seed in sorted(map(layout.parse_mitigation, tokens - {layout.NO_DATA}))]
     return {
@@ -149,5 +155,5 @@ def defend_model_inputs(wildcards):
     }
 
 
-def defense_plan(dataset):
-    return DEFENSE_PLANS[dataset]
+def defense_plan(dataset, architecture):
+    return DEFENSE_PLANS[dataset, architecture]

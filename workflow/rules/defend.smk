@@ -11,7 +11,7 @@ rule defend_model:
     output:
         MANIFEST,
     params:
-        defenses=lambda wildcards: defense_plan(wildcards.dataset),
+        defenses=lambda wildcards: defense_plan(wildcards.dataset, wildcards.architecture),
         coordinates=model_coordinates,
         partitions=lambda wildcards: PARTITION.format(dataset=wildcards.dataset, spc="{spc}", seed="{seed}"),
         runs=lambda wildcards: RUN.format(**wildcards, defense="{defense}", mitigation="{mitigation}"),

@@ -50,6 +50,6 @@ use rule train_model as train_model_poisoned_in_the_loop with:
         attack=one_of(TRAINING_TIME_ATTACKS),
     params:
         attack_inputs=lambda wildcards, input, output: (
-            f"--attack-params {shlex.quote(grid.params_json(CONFIG, 'attacks', wildcards.attack, wildcards.dataset))}"
+            f"--attack-params {shlex.quote(grid.params_json(CONFIG, 'attacks', wildcards.attack, wildcards.dataset, wildcards.architecture))}"
             f" --ratio {wildcards.ratio} --pool {input.pool} --out-backdoor {output.backdoor}"
         ),
