@@ -3,15 +3,29 @@ a small backdoored model trained once per session."""
 
 from __future__ import annotations
 
+import os
+import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
-
-import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))  # importable without installation too
+
+from bdsweep.reproducibility import CPU_ENVIRONMENT  # noqa: E402  (imports no torch)
+
+# Reproducible float arithmetic for every test, whatever the machine, its load or the test order:
+# one instruction set for every kernel library and one intra-op thread (float sums, so trained
+# weights, depend on the thread count; two xdist workers on two cores are also faster with one
+# thread each). Set before torch is first imported; subprocesses (Snakemake jobs) inherit them.
+# bdsweep/reproducibility.py says what this guarantees and what it cannot.
+if "torch" in sys.modules:
+    raise RuntimeError("tests/conftest.py must run before torch is imported (see CPU_ENVIRONMENT)")
+os.environ.update({**CPU_ENVIRONMENT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 SHARED_DATASETS = SHARED / "datasets"
@@ -23,15 +37,30 @@ def requires_shared(path: Path):
                               "reference resources live in ../shared, which this checkout does not have)")
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """For modules of tiny tensors: one intra-op thread is faster, and far steadier on a busy machine."""
+def seed_of_test(nodeid: str) -> int:
+    """A seed from the test's own id, so a test's randomness does not depend on what ran before it."""
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def independent_of_order(request):
+    """Every test starts from the same global state whichever tests ran before it in this worker:
+    one torch thread (an in-process defend-model job may have changed it) and the global RNGs of
+    torch, numpy and random seeded from the test's id."""
     import torch
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    seed = seed_of_test(request.node.nodeid)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
     yield
-    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Kept for the modules that ask for it: every test now runs on one thread (``REPRODUCIBLE_CPU``)."""
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -82,15 +111,10 @@ def prepared(tmp_path):
 
 @pytest.fixture(scope="session")
 def digits_backdoor(tmp_path_factory):
-    """A small CNN trained on the real digits with BadNets at 10 %: (dir, paths dict). Built with
-    one thread, so the model is the same whichever test module asks for it first (float sums,
-    and so the trained weights, depend on the thread count)."""
-    import torch
-
+    """A small CNN trained on the real digits with BadNets at 10 %: (dir, paths dict). Every stage
+    is seeded from its arguments and runs on one thread, so the model is the same whichever test
+    module asks for it first."""
     from bdsweep.cli import main
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     root = tmp_path_factory.mktemp("digits_backdoor")
     data, pool, resource, poison = root / "data", root / "pool.npy", root / "badnets.npz", root / "poison.npz"
@@ -110,7 +134,6 @@ def digits_backdoor(tmp_path_factory):
     for spc in (10,):
         assert main(["partition", "--data", str(data), "--pool", str(pool), "--spc", str(spc), "--seed", "0",
                      "--out", str(root / f"spc{spc}.npy")]) == 0
-    torch.set_num_threads(threads)
     return root
 
 

