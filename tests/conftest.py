@@ -37,6 +37,14 @@ def requires_shared(path: Path):
                               "reference resources live in ../shared, which this checkout does not have)")
 
 
+def pytest_configure(config):
+    """pytest-randomly (a dev dependency) shuffles the test order on every run, which proves that no
+    test depends on another; its reseeding of the global RNGs with the run's random seed is turned
+    off, as each test is seeded from its own id instead (``independent_of_order``)."""
+    if config.pluginmanager.hasplugin("randomly"):
+        config.option.randomly_reset_seed = False
+
+
 def seed_of_test(nodeid: str) -> int:
     """A seed from the test's own id, so a test's randomness does not depend on what ran before it."""
     return zlib.crc32(nodeid.encode())
