@@ -234,6 +234,8 @@ def plan(config: dict) -> Plan:
     for model in result.models_with_runs:
         _add_model(result, model)
     result.pools |= {dataset for dataset, _ in result.partitions}
+    if config["mitigation"].get("source") != "reserved_pool":
+        result.pools.clear()  # by default no job reads a reserved pool, so none is built
     return result
 
 
