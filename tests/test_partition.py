@@ -6,13 +6,13 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import SHARED_DATASETS, requires_shared
 
 from bdsweep.attacks import ResourceContext
 from bdsweep.cli import main
 from bdsweep.partition import draw_partition, reserve_pool
 from bdsweep.poison import poison_dataset
 from bdsweep.registry import ATTACKS
+from conftest import SHARED_DATASETS, requires_shared
 
 LABELS = np.repeat(np.arange(5), 40)
 CIFAR10_LABELS = SHARED_DATASETS / "cifar10_jpeg_all.npz"
@@ -115,3 +115,27 @@ def test_attacks_never_poison_the_reserved_pool():
     assert not set(poisoned.train_indices) & set(pool)
     with pytest.raises(ValueError, match="only 140 are eligible"):
         badnets_poison(LABELS, pool, 0.75)
+
+
+
+@pytest.mark.parametrize("with_pool", [False, True])
+def test_training_time_attacks_may_poison_any_image_unless_a_pool_is_reserved(prepared, tmp_path, monkeypatch,
+                                                                               with_pool):
+    import bdsweep.stages.train as train_stage
+
+    contexts = []
+    original = train_stage.HookContext
+    monkeypatch.setattr(train_stage, "HookContext", lambda *args: contexts.append(original(*args)) or contexts[-1])
+    data, pool = str(prepared.directory), tmp_path / "pool.npy"
+    assert main(["pool", "--data", data, "--per-class", "6", "--seed", "0", "--out", str(pool)]) == 0
+    out = tmp_path / "model"
+    argv = ["train", "--data", data, "--attack", "bpp", "--ratio", "0.1", "--architecture", "small_cnn",
+            "--recipe", '{"epochs": 1, "batch_size": 32}', "--target", "0", "--seed", "0", "--device", "cpu",
+            "--out-model", str(out / "model.pt"), "--out-metrics", str(out / "metrics.json"),
+            "--out-curve", str(out / "curve.csv"), "--out-backdoor", str(out / "backdoor.npz")]
+    assert main(argv + (["--pool", str(pool)] if with_pool else [])) == 0
+    poisonable = contexts[0].poisonable.numpy()
+    if with_pool:
+        assert not poisonable[np.load(pool)].any() and poisonable.sum() == len(poisonable) - 24
+    else:
+        assert poisonable.all()

@@ -40,7 +40,8 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="backdoored model file")
     parser.add_argument("--model-metrics", required=True, help="the model's pre-defense metrics file")
     parser.add_argument("--data", required=True, help="prepared dataset directory")
-    parser.add_argument("--partition", help="mitigation partition file (bdsweep.partition); omit for defenses that use no data")
+    parser.add_argument("--partition", help="mitigation partition file (bdsweep.partition); omit for defenses that "
+                        "use no data")
     parser.add_argument("--backdoor", help="the backdoor test set (a poison file, or a training-time attack's "
                         "backdoor_test.npz); omit for a clean model")
     parser.add_argument("--defense", required=True)
