@@ -63,7 +63,7 @@ def split_held_out(data: MitigationData, generator: torch.Generator | None = Non
         fit.append(members[held_count:] if len(members) > held_count else members)
     notes = []
     if fewer:
-        notes.append(f"no extra mitigation image to hold out for {len(fewer)} class(es): the split fits on one "
+        notes.append(f"no extra mitigation image for {len(fewer)} class(es): the split fits on one "
                      "image fewer per class than the survey's code")
     if shared:
         notes.append(f"held-out images overlap the fitting images for {len(shared)} class(es) with a single "
