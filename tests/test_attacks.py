@@ -78,6 +78,9 @@ def test_sig_is_clean_label_and_records_the_effective_ratio():
                            "k")
     assert sorted(whole.train_indices) == list(range(2, 25))  # the whole class outside the pool
     assert whole.effective_ratio == pytest.approx(23 / 100)
+    # Without a reserved pool (the survey's way), the whole class; FORK's draw would raise here.
+    forked = poison_dataset(attack, resource, params, images, labels, images[:40], labels[:40], None, 0.5, 0, 0, "k")
+    assert sorted(forked.train_indices) == list(range(25)) and forked.effective_ratio == 0.25
     assert (labels[:40][whole.test_indices] != 0).all()  # target-class images are not in the test set
 
 

@@ -50,8 +50,14 @@ def test_paper_preset_names_every_method_of_the_spec():
 
 def test_defaults_are_filled_in():
     config = validate_config(changed(mitigation=None, sanity=None))
-    assert config["mitigation"] == {"spc": [2, 10, 100], "seeds": 10, "pool_per_class": 100}
+    assert config["mitigation"] == {"spc": [2, 10, 100], "seeds": 10, "source": "train", "pool_per_class": 100}
     assert config["sanity"] == {"min_acc": 0.0, "min_asr": 0.0}
+
+
+def test_the_pool_size_binds_only_with_the_reserved_pool_source():
+    # By default (the survey's way) partitions come from the whole training set: no pool to exceed.
+    assert validate_config(changed(mitigation__spc=[2, 50]))["mitigation"]["source"] == "train"
+    validate_config(changed(mitigation__source="reserved_pool", mitigation__spc=[2, 19]))
 
 
 BAD = {
@@ -73,7 +79,9 @@ BAD = {
     "ratio as text": (changed(ratios=["ten"]), "ratios[0]: 'ten' is not of type 'number'"),
     "no ratios": (changed(ratios=[]), "ratios: [] should be non-empty"),
     "spc zero": (changed(mitigation__spc=[0]), "mitigation.spc[0]: 0 is less than the minimum of 1"),
-    "spc above pool": (changed(mitigation__spc=[2, 50]), "mitigation.spc: [50] exceed mitigation.pool_per_class"),
+    "spc reaching the reserved pool": (changed(mitigation__source="reserved_pool", mitigation__spc=[2, 20, 50]),
+                                       "mitigation.spc: [20, 50] reach mitigation.pool_per_class = 20"),
+    "unknown mitigation source": (changed(mitigation__source="test"), "mitigation.source: 'test' is not one of"),
     "spc fractional": (changed(mitigation__spc=[2.5]), "mitigation.spc[0]: 2.5 is not of type 'integer'"),
     "zero seeds": (changed(mitigation__seeds=0), "mitigation.seeds: 0 is less than the minimum of 1"),
     "negative seeds": (changed(mitigation__seeds=-3), "mitigation.seeds: -3 is less than the minimum of 1"),

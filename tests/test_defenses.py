@@ -66,10 +66,12 @@ def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_back
     # The arguments: exactly these four, with nothing more in them.
     assert list(inspect.signature(DEFENSES.get("spy").run).parameters) == ["model", "data", "params", "device"]
     assert {f.name for f in fields(MitigationData)} == {"images", "labels", "normalisation", "image_size",
-                                                         "num_classes"}
-    partition = np.sort(np.load(digits_backdoor / "spc10.npy"))
+                                                         "num_classes", "spare"}
+    # The SPC training images of the partition, and its extra draw per class (training images too).
+    partition = np.load(digits_backdoor / "spc10.npy")
     x_train = np.load(digits_backdoor / "data" / "x_train.npy")
-    assert torch.equal(seen["data"].images, torch.from_numpy(x_train[partition]))
+    assert torch.equal(seen["data"].images, torch.from_numpy(x_train[partition[:, :10].ravel()]))
+    assert torch.equal(seen["data"].spare.images, torch.from_numpy(x_train[partition[:, 10]]))
     assert np.bincount(seen["data"].labels.numpy()).tolist() == [10] * 10
     assert seen["params"] == SpyParams(strength=2.0)
     model_state = {k for k, _ in seen["model"].named_modules()} | set(vars(seen["model"]))

@@ -168,7 +168,7 @@ def test_the_slurm_profile_runs_the_workflow_on_slurm_with_the_results_of_a_loca
     assert "rule_train_model" in submitted and "group_report_figure_summary_table" in submitted, submitted
     # The grouped small CPU jobs share cluster jobs: one for the data stage, one for the
     # poisoned sets, one for the figure and the summary table.
-    assert submitted.count("group_data_draw_partition_prepare_dataset_reserve_pool") == 1
+    assert submitted.count("group_data_draw_partition_prepare_dataset") == 1  # no pool: mitigation.source train
     assert submitted.count("group_poison_poison_dataset") == 1
     assert submitted.count("group_report_figure_summary_table") == 1
 

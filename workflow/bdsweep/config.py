@@ -1,6 +1,7 @@
 """Configuration validation: the JSON schema (workflow/schemas/config.schema.yaml), then what a
 schema cannot know: registered names, implemented methods, hyperparameter names and types,
-dataset paths, and SPC against the reserved pool. Every error names the offending key."""
+dataset paths, and SPC against the reserved pool (mitigation.source: reserved_pool). Every error names
+the offending key."""
 
 from __future__ import annotations
 
@@ -119,10 +120,13 @@ def check_semantics(config: dict) -> None:
         raise ConfigError("training.only_datasets: only attacks and defenses can be restricted to datasets")
     _check_params(Recipe, config["training"], datasets, architectures, "training")
     mitigation = config["mitigation"]
-    too_big = [spc for spc in mitigation["spc"] if spc > mitigation["pool_per_class"]]
-    if too_big:
-        raise ConfigError(f"mitigation.spc: {too_big} exceed mitigation.pool_per_class = "
-                          f"{mitigation['pool_per_class']} (the reserved pool)")
+    # A partition draws SPC images per class and one more (FORK's extra validation draw; see
+    # bdsweep.partition), so the reserved pool must hold more than the largest SPC.
+    too_big = [spc for spc in mitigation["spc"] if spc >= mitigation["pool_per_class"]]
+    if mitigation["source"] == "reserved_pool" and too_big:
+        raise ConfigError(f"mitigation.spc: {too_big} reach mitigation.pool_per_class = "
+                          f"{mitigation['pool_per_class']} (source reserved_pool: the pool must hold SPC + 1 "
+                          "images per class)")
 
 
 SELECTIONS = (("attacks", ATTACKS), ("defenses", DEFENSES), ("architectures", ARCHITECTURES))

@@ -234,6 +234,8 @@ def plan(config: dict) -> Plan:
     for model in result.models_with_runs:
         _add_model(result, model)
     result.pools |= {dataset for dataset, _ in result.partitions}
+    if config["mitigation"].get("source") != "reserved_pool":
+        result.pools.clear()  # by default no job reads a reserved pool, so none is built
     return result
 
 
@@ -262,7 +264,7 @@ def job_counts(config: dict, built: Plan | None = None) -> dict[str, int]:
     built = built or plan(config)
     return {
         "prepare_dataset": len(built.datasets),
-        "reserve_pool": len(built.pools),
+        **({"reserve_pool": len(built.pools)} if built.pools else {}),  # mitigation.source reserved_pool only
         "draw_partition": len(built.partitions),
         "attack_resource": len(built.resources),
         "poison_dataset": len(built.poison_files),
@@ -404,7 +406,7 @@ def estimate(config: dict, throughput: Throughput) -> Estimate:
     defend_hours = sum(row["gpu_hours"] for row in defenses.values())
     stages = [
         Stage("data preparation", "prepare_dataset", counts["prepare_dataset"]),
-        Stage("mitigation pools", "reserve_pool", counts["reserve_pool"]),
+        *([Stage("mitigation pools", "reserve_pool", counts["reserve_pool"])] if "reserve_pool" in counts else []),
         Stage("mitigation partitions", "draw_partition", counts["draw_partition"]),
         Stage("attack resources", "attack_resource", counts["attack_resource"],
               sum(p for _, p in resource if p), "passes", resource_hours),

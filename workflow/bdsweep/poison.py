@@ -1,11 +1,21 @@
 """The poison stage for data-poisoning attacks: which training images are poisoned, their
 poisoned pixels and labels, and the backdoor test set, all computed on whole arrays.
 
-All-to-one: poisoned training images are relabelled to the target. A dirty-label attack poisons
-``round(ratio * n_train)`` images drawn from non-target images outside the reserved mitigation
-pool (as the survey's toolkit draws them). A clean-label attack poisons target-class images only
-and, when the ratio asks for more than there are, all of them; the effective ratio is recorded.
-The backdoor test set is every test image whose label is not the target, with the trigger.
+All-to-one: poisoned training images are relabelled to the target. Which images, as the survey's
+code draws them (BB ``utils/backdoor_generate_poison_index.py``, which FORK runs unchanged):
+
+- A dirty-label attack poisons ``round(ratio * n_train)`` images drawn without replacement from
+  all ``n_train`` training images, target class included (``:44-52``: "NO NEED TO AVOID target
+  class img"). A poisoned target-class image keeps its label and only gains the trigger.
+- A clean-label attack (SIG) draws ``round(ratio * n_train)`` from the target class (``:53-60``).
+  Where the class has fewer images, FORK's draw raises (GTSRB and Tiny-ImageNet at every ratio
+  of the survey: the shipped code cannot run those cells); bdsweep poisons the whole class and
+  records the effective ratio (docs/deviations.md).
+- With ``mitigation.source: reserved_pool`` the reserved images are never poisoned: the draw is
+  from the others (a stricter threat model than the survey's).
+
+The backdoor test set is every test image whose label is not the target, with the trigger
+(``:38-41``).
 """
 
 from __future__ import annotations
@@ -38,10 +48,13 @@ def backdoor_test_indices(y_test, target: int) -> np.ndarray:
 
 
 def poison_dataset(attack: DataPoisoningAttack, resource, params, x_train, y_train, x_test, y_test,
-                   reserved: np.ndarray, ratio: float, target: int, seed: int, key: str) -> PoisonedData:
+                   reserved: np.ndarray | None, ratio: float, target: int, seed: int, key: str) -> PoisonedData:
+    """``reserved``: the mitigation pool (never poisoned), or None to draw from every image."""
     eligible = np.ones(len(y_train), dtype=bool)
-    eligible[reserved] = False
-    eligible &= (y_train == target) if attack.clean_label else (y_train != target)
+    if reserved is not None:
+        eligible[reserved] = False
+    if attack.clean_label:
+        eligible &= y_train == target
     candidates = np.flatnonzero(eligible)
     wanted = round(ratio * len(y_train))
     if attack.clean_label:

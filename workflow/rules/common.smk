@@ -29,9 +29,13 @@ _skipped = unimplemented(config)
 if _skipped:
     logger.warning(f"bdsweep: not implemented yet, left out of the grid: {', '.join(_skipped)}")
 
-if max(CONFIG["mitigation"]["spc"]) >= CONFIG["mitigation"]["pool_per_class"]:
-    logger.warning("bdsweep: the largest SPC takes the whole reserved pool, so its partitions are identical "
-                   "for every seed; raise mitigation.pool_per_class above it for distinct partitions")
+# mitigation.source: by default (train) partitions come from the whole training set and attacks may
+# poison any image, so no job needs a pool; with reserved_pool, partitions, poison files and
+# training-time attacks read the dataset's pool (dataset_and_pool below).
+RESERVED_POOL = CONFIG["mitigation"]["source"] == "reserved_pool"
+if RESERVED_POOL and max(CONFIG["mitigation"]["spc"]) + 1 >= CONFIG["mitigation"]["pool_per_class"]:
+    logger.warning("bdsweep: the largest SPC (and its extra validation image) takes the whole reserved pool, so "
+                   "its partitions hold the same images for every seed; raise mitigation.pool_per_class")
 
 RESULTS = CONFIG["results"]
 (DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, MANIFEST, TABLE,
@@ -77,6 +81,15 @@ wildcard_constraints:
 def data_files(dataset):
     """The prepared arrays of ``dataset``; meta.json is written last and marks completeness."""
     return os.path.join(DATA_DIR.format(dataset=dataset), "meta.json")
+
+
+def dataset_and_pool(wildcards):
+    """A job's inputs ``data`` (the prepared dataset) and, with mitigation.source reserved_pool,
+    ``pool`` (the dataset's reserved pool); by default no job reads a pool."""
+    inputs = {"data": data_files(wildcards.dataset)}
+    if RESERVED_POOL:
+        inputs["pool"] = POOL.format(dataset=wildcards.dataset)
+    return inputs
 
 
 def params_of(section):

@@ -1,5 +1,6 @@
-# Stage 5: mitigation data. A pool per dataset that no attack poisons, and per (SPC, seed)
-# partitions drawn from it, shared by every model of the dataset.
+# Stage 5: mitigation data. Per (SPC, seed) a partition shared by every model of the dataset,
+# drawn from the whole training set (mitigation.source: train, the default, as the survey's code),
+# or from a per-dataset pool that no attack poisons (reserved_pool; only then is the pool built).
 
 
 rule reserve_pool:
@@ -23,11 +24,11 @@ rule reserve_pool:
 
 rule draw_partition:
     input:
-        data=lambda wildcards: data_files(wildcards.dataset),
-        pool=POOL,
+        unpack(dataset_and_pool),
     output:
         PARTITION,
     params:
+        pool=optional_flag("--pool", "pool"),
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
         os.path.join(LOGS, "partitions/{dataset}/spc{spc}-seed{seed}.log"),
@@ -35,5 +36,5 @@ rule draw_partition:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep partition --data {params.directory} --pool {input.pool} --spc {wildcards.spc}"
+        "python -m bdsweep partition --data {params.directory} {params.pool} --spc {wildcards.spc}"
         " --seed {wildcards.seed} --out {output} > {log} 2>&1"

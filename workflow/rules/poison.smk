@@ -5,13 +5,13 @@
 
 rule poison_dataset:
     input:
-        data=lambda wildcards: data_files(wildcards.dataset),
-        pool=POOL,
+        unpack(dataset_and_pool),
         resource=RESOURCE,
     output:
         POISON,
     params:
         attack=params_of("attacks"),
+        pool=optional_flag("--pool", "pool"),
         target=CONFIG["target"],
         seed=CONFIG["seed"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
@@ -21,6 +21,6 @@ rule poison_dataset:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep poison --data {params.directory} --pool {input.pool} --resource {input.resource}"
+        "python -m bdsweep poison --data {params.directory} {params.pool} --resource {input.resource}"
         " --attack {wildcards.attack} --params {params.attack:q} --ratio {wildcards.ratio}"
         " --target {params.target} --seed {params.seed} --out {output} > {log} 2>&1"

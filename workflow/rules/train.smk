@@ -39,8 +39,7 @@ rule train_model:
 
 use rule train_model as train_model_poisoned_in_the_loop with:
     input:
-        data=lambda wildcards: data_files(wildcards.dataset),
-        pool=POOL,
+        unpack(dataset_and_pool),
     output:
         model=MODEL,
         metrics=MODEL_METRICS,
@@ -51,5 +50,6 @@ use rule train_model as train_model_poisoned_in_the_loop with:
     params:
         attack_inputs=lambda wildcards, input, output: (
             f"--attack-params {shlex.quote(grid.params_json(CONFIG, 'attacks', wildcards.attack, wildcards.dataset, wildcards.architecture))}"
-            f" --ratio {wildcards.ratio} --pool {input.pool} --out-backdoor {output.backdoor}"
+            f" --ratio {wildcards.ratio} --out-backdoor {output.backdoor}"
+            + (f" --pool {shlex.quote(input.pool)}" if "pool" in input.keys() else "")
         ),

@@ -82,7 +82,7 @@ class HookContext:
 
     images: torch.Tensor  # the whole training set, uint8 NHWC on the training device
     labels: torch.Tensor
-    poisonable: torch.Tensor  # bool per training image: False for the reserved mitigation pool
+    poisonable: torch.Tensor  # bool per training image: False for the reserved mitigation pool, if any
     normalisation: Normalisation
     num_classes: int
     image_size: int
@@ -110,7 +110,7 @@ class TrainingHook(BatchHook):
 
     def split(self, indices: torch.Tensor, *shares: float) -> list[torch.Tensor]:
         """Positions in the batch for each share of it, in order (e.g. backdoor, cross), taken
-        from the front of the (already shuffled) batch among images outside the reserved pool.
+        from the front of the (already shuffled) batch among images outside the reserved pool, if any.
         The first share is the poisoned one and is counted; counts are int(share * batch size),
         as the attacks' own code computes them."""
         eligible = torch.nonzero(self.context.poisonable[indices]).flatten()

@@ -6,7 +6,8 @@ The defense API is deliberately narrow. A defense is a function
 
 It receives a freshly built model carrying only weights (no metadata), the mitigation data
 (SPC clean images per class of the training set and their labels, with normalisation, image size
-and class count), its own hyperparameters and a device. Nothing it is given leads to test data,
+and class count, and the extra image per class a validation split may use), its own
+hyperparameters and a device. Nothing it is given leads to test data,
 poisoned data, the trigger or the target label: the defend stage builds these arguments before it
 loads any of those, and loads them only after the defense returns (see ``bdsweep.stages.defend``).
 """
@@ -27,17 +28,30 @@ FAMILIES = ("none", "pruning", "fine-tuning")
 
 @dataclass(frozen=True)
 class MitigationData:
+    """SPC clean training images per class, as the defend stage hands them to a defense.
+
+    Within each class the images are in the order they were drawn (a seeded random order; see
+    ``bdsweep.partition``): a validation split holds out the first ones, as FORK does
+    (``support.split_held_out``). ``spare`` is FORK's extra draw, one more image per class drawn
+    after the SPC ones; only such a split uses it (where 10 % of SPC is under one image, FORK
+    draws SPC + 1 per class). A defense that does not split trains on ``images`` alone, exactly
+    FORK's SPC images."""
+
     images: torch.Tensor  # uint8 NHWC, on the defense's device
     labels: torch.Tensor  # int64
     normalisation: Normalisation
     image_size: int
     num_classes: int
+    spare: MitigationData | None = None
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise TypeError("MitigationData.images must be a uint8 NHWC tensor")
         if len(self.images) != len(self.labels):
             raise ValueError("MitigationData images and labels differ in length")
+        if self.spare is not None and (self.spare.spare is not None
+                                       or self.spare.images.shape[1:] != self.images.shape[1:]):
+            raise ValueError("MitigationData.spare must hold images like the SPC images, without a spare of its own")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -16,27 +16,59 @@ from . import MitigationData
 
 
 def subset(data: MitigationData, indices: torch.Tensor) -> MitigationData:
-    return replace(data, images=data.images[indices], labels=data.labels[indices])
+    """Some of the SPC images; the spare draw belongs to the whole partition and is dropped."""
+    return replace(data, images=data.images[indices], labels=data.labels[indices], spare=None)
 
 
-def split_held_out(data: MitigationData, generator: torch.Generator
-                   ) -> tuple[MitigationData, MitigationData, str | None]:
-    """(fit, held_out, note): one image of every class is held out to choose thresholds on, so
-    a defense never needs test data. A class with a single image (SPC 1) cannot spare it: then
-    that image is in both parts, and ``note`` says so, for the result file's details."""
-    held, fit, shared = [], [], []
+# FORK's validation share: ``val_ratio: 0.1`` (config/defense/fp/*.yaml, config/defense/anp/default.yaml).
+VALIDATION_RATIO = 0.1
+
+
+def split_held_out(data: MitigationData, generator: torch.Generator | None = None,
+                   val_ratio: float = VALIDATION_RATIO) -> tuple[MitigationData, MitigationData, str | None]:
+    """(fit, held_out, note): the validation split FORK makes for FP, ANP and the like, so a
+    defense chooses thresholds on mitigation data, never on test data.
+
+    FORK (``utils/bd_dataset_v2.py:405-439``, ``spc_choose_poisoned_sample``): per class,
+    ``int(spc * val_ratio)`` images are held out; when that is 0, one is, and the class draws one
+    image more (SPC + 1). The held-out images are the first of the class's draw, the rest fit.
+    So at val_ratio 0.1: SPC 1 and 2 fit on 1 and 2 images and hold out 1 (the extra draw,
+    ``data.spare``, is a fitting image), SPC 10 fits on 9 + 1 held out, SPC 100 on 90 + 10.
+
+    ``generator`` is not used: the split is fixed by the partition's draw order (FORK's by its
+    seed), so every defense splitting one partition holds out the same images. It stays in the
+    signature for the callers.
+
+    Without a spare image (mitigation data not built by the defend stage), a class that FORK
+    would draw an extra image for fits on its other images, and a class with a single image
+    shares it between both parts; ``note`` says so, for the result file's details."""
+    spare = data.spare
+    pooled = data if spare is None else replace(
+        data, images=torch.cat([data.images, spare.images]), labels=torch.cat([data.labels, spare.labels]), spare=None)
+    held, fit, fewer, shared = [], [], [], []
     for label in torch.unique(data.labels):
         members = torch.nonzero(data.labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator, device="cpu").to(members.device)]
-        held.append(members[:1])
-        fit.append(members[1:] if len(members) > 1 else members)
-        if len(members) == 1:
-            shared.append(int(label))
-    note = None
+        held_count = int(len(members) * val_ratio)
+        if held_count < 1:
+            held_count = 1
+            extra = (torch.nonzero(spare.labels == label).flatten()[:1] + len(data) if spare is not None
+                     else members[:0])
+            if len(extra):
+                members = torch.cat([members, extra])
+            elif len(members) > 1:
+                fewer.append(int(label))
+            else:
+                shared.append(int(label))
+        held.append(members[:held_count])
+        fit.append(members[held_count:] if len(members) > held_count else members)
+    notes = []
+    if fewer:
+        notes.append(f"no extra mitigation image for {len(fewer)} class(es): the split fits on one "
+                     "image fewer per class than the survey's code")
     if shared:
-        note = (f"held-out images overlap the fitting images for {len(shared)} class(es) with a single "
-                "mitigation image; thresholds are chosen on data the defense also fits on")
-    return subset(data, torch.cat(fit)), subset(data, torch.cat(held)), note
+        notes.append(f"held-out images overlap the fitting images for {len(shared)} class(es) with a single "
+                     "mitigation image; thresholds are chosen on data the defense also fits on")
+    return subset(pooled, torch.cat(fit)), subset(pooled, torch.cat(held)), "; ".join(notes) or None
 
 
 def batches(data: MitigationData, batch_size: int, generator: torch.Generator | None = None,

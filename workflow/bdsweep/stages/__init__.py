@@ -8,8 +8,8 @@ invoked stage's module is imported: a job that needs no torch does not pay its i
 STAGES = {
     "prepare": "prepare a dataset: canonical uint8 arrays from its source",
     "resource": "build an attack's resource for one dataset",
-    "pool": "reserve a dataset's mitigation pool (never poisoned)",
-    "partition": "draw one mitigation partition from the pool",
+    "pool": "reserve a dataset's mitigation pool, never poisoned (mitigation.source: reserved_pool)",
+    "partition": "draw one mitigation partition from the training set (or the reserved pool)",
     "poison": "poison a dataset with a data-poisoning attack at one ratio",
     "train": "train a backdoored model and record its pre-defense metrics",
     "defend": "run one defense on one model and partition; write the run's result file",

@@ -13,7 +13,7 @@ import os
 import time
 import traceback
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,8 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True, help="backdoored model file")
     parser.add_argument("--model-metrics", required=True, help="the model's pre-defense metrics file")
     parser.add_argument("--data", required=True, help="prepared dataset directory")
-    parser.add_argument("--partition", help="mitigation partition (indices); omit for defenses that use no data")
+    parser.add_argument("--partition", help="mitigation partition file (bdsweep.partition); omit for defenses that "
+                        "use no data")
     parser.add_argument("--backdoor", help="the backdoor test set (a poison file, or a training-time attack's "
                         "backdoor_test.npz); omit for a clean model")
     parser.add_argument("--defense", required=True)
@@ -53,9 +54,18 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True)
 
 
-def mitigation_data(data: PreparedDataset, indices: np.ndarray | None, device: torch.device) -> MitigationData:
-    """The SPC images per class (copied out of the memory map) and their labels."""
-    indices = np.zeros(0, dtype=np.int64) if indices is None else np.sort(indices)
+def mitigation_data(data: PreparedDataset, partition: np.ndarray | None, device: torch.device) -> MitigationData:
+    """What a defense is given of partition ``partition`` (a partition file's array): its SPC images
+    per class in draw order, copied out of the memory map, their labels, and FORK's extra draw as
+    ``spare`` (see ``bdsweep.partition``). A flat index array is taken as it is, with no spare."""
+    partition = np.zeros(0, dtype=np.int64) if partition is None else np.asarray(partition)
+    if partition.ndim == 2:
+        return replace(_images_of(data, partition[:, :-1].reshape(-1), device),
+                       spare=_images_of(data, partition[:, -1], device))
+    return _images_of(data, partition, device)
+
+
+def _images_of(data: PreparedDataset, indices: np.ndarray, device: torch.device) -> MitigationData:
     images = np.asarray(data.x_train[indices]) if len(indices) else np.zeros((0, *data.x_train.shape[1:]), np.uint8)
     return MitigationData(
         images=as_tensor(images, device),

@@ -15,7 +15,8 @@ from ..registry import ATTACKS
 
 def add_arguments(parser):
     parser.add_argument("--data", required=True, help="prepared dataset directory")
-    parser.add_argument("--pool", required=True, help="reserved mitigation pool (never poisoned)")
+    parser.add_argument("--pool", help="reserved mitigation pool, never poisoned (mitigation.source: reserved_pool; "
+                        "default: every training image may be poisoned)")
     parser.add_argument("--resource", required=True, help="the attack's resource file (resources stage)")
     parser.add_argument("--attack", required=True)
     parser.add_argument("--params", default="{}", type=json.loads, help="attack hyperparameters, JSON")
@@ -30,7 +31,8 @@ def main(args):
     attack = ATTACKS.get(args.attack)
     params = resolve(attack.params, args.params, f"attack {args.attack!r}")
     key = f"{data.info.name}/{args.attack}/{args.ratio:g}"
+    reserved = read_npy(args.pool, "mitigation pool") if args.pool else None
     poisoned = poison_dataset(attack, load_arrays(args.resource, "attack resource"), params,
                               data.x_train, data.y_train[:], data.x_test, data.y_test[:],
-                              read_npy(args.pool, "mitigation pool"), args.ratio, args.target, args.seed, key)
+                              reserved, args.ratio, args.target, args.seed, key)
     write_npz(args.out, **poisoned.arrays(), effective_ratio=np.float64(poisoned.effective_ratio))

@@ -1,4 +1,5 @@
-"""Reserve a dataset's mitigation pool: training images no attack may poison."""
+"""Reserve a dataset's mitigation pool: training images no attack may poison (only with
+``mitigation.source: reserved_pool``; by default partitions come from the whole training set)."""
 
 from __future__ import annotations
 

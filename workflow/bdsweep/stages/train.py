@@ -36,7 +36,8 @@ def add_arguments(parser):
     parser.add_argument("--attack-params", default="{}", type=json.loads,
                         help="hyperparameters of a training-time attack, JSON")
     parser.add_argument("--ratio", type=float, default=0.0, help="poisoning ratio of a training-time attack")
-    parser.add_argument("--pool", help="reserved mitigation pool, never poisoned (training-time attacks)")
+    parser.add_argument("--pool", help="reserved mitigation pool, never poisoned by a training-time attack "
+                        "(mitigation.source: reserved_pool; default: any training image may be)")
     parser.add_argument("--architecture", required=True)
     parser.add_argument("--recipe", default="{}", type=json.loads, help="training recipe overrides, JSON")
     parser.add_argument("--sanity", default="{}", type=json.loads, help='{"min_acc": .., "min_asr": ..}')
@@ -94,8 +95,8 @@ def main(args):
     attack = None if args.attack == CLEAN else ATTACKS.get(args.attack)
     in_the_loop = attack is not None and is_training_time(attack)
     hook = poison = None
-    if in_the_loop and not (args.pool and args.out_backdoor):
-        raise ValueError(f"training-time attack {args.attack!r} needs --pool and --out-backdoor")
+    if in_the_loop and not args.out_backdoor:
+        raise ValueError(f"training-time attack {args.attack!r} needs --out-backdoor")
     if attack is None or in_the_loop:
         images, labels = np.array(data.x_train), np.array(data.y_train)
     elif args.poison:
@@ -105,8 +106,11 @@ def main(args):
         raise ValueError(f"data-poisoning attack {args.attack!r} needs --poison")
     images, labels = as_tensor(images, device), as_tensor(labels, device)
     if in_the_loop:
+        # Any image of a batch, as FORK's in-the-loop attacks take the first of every shuffled batch;
+        # with a reserved pool, never its images.
         poisonable = torch.ones(len(labels), dtype=torch.bool, device=device)
-        poisonable[as_tensor(read_npy(args.pool, "mitigation pool"), device)] = False
+        if args.pool:
+            poisonable[as_tensor(read_npy(args.pool, "mitigation pool"), device)] = False
         context = HookContext(images, labels, poisonable, normalisation_of(data), data.info.num_classes,
                               data.info.image_size, args.target, args.ratio, args.seed)
         hook = attack.make_hook(context, resolve(attack.params, args.attack_params, f"attack {args.attack!r}"))
