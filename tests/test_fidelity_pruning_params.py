@@ -1,0 +1,51 @@
+"""The paper preset's values for CLP, BNP, FP and NPD, resolved per (dataset, architecture), equal
+the survey code's effective values (FORK's YAML after its argparse overrides) as listed in
+../shared/reference/FIDELITY.md. FORK file:line for each value is in the defense's docstring."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+
+from bdsweep.config import method_params
+from bdsweep.params import resolve
+from bdsweep.registry import DEFENSES
+from conftest import REPO
+
+PAPER = yaml.safe_load((REPO / "workflow" / "presets" / "paper.yaml").read_text())
+DATASETS = ("cifar10", "gtsrb", "tiny")
+ARCHITECTURES = ("preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large")
+CELLS = list(itertools.product(DATASETS, ARCHITECTURES))
+
+
+def resolved(name: str, dataset: str, architecture: str):
+    return resolve(DEFENSES.get(name).params, method_params(PAPER["defenses"][name], dataset, architecture), name)
+
+
+def test_the_preset_covers_the_grid_this_table_checks():
+    assert set(PAPER["datasets"]) == set(DATASETS) and PAPER["architectures"] == list(ARCHITECTURES)
+
+
+# FIDELITY.md: "u = 3 for all datasets (FORK clp/tiny.yaml:24)", sigma without eps (FORK clp.py:62).
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_clp(dataset, architecture):
+    params = resolved("clp", dataset, architecture)
+    assert (params.u, params.bn_eps) == (3.0, False)
+
+
+# FIDELITY.md: GTSRB norm 5 with lambda 1/0.5/0.5/0.5; Tiny norm 3.0 with lambda .4; CIFAR 3, .4
+# (FORK config/defense/npd/<dataset>_<arch>.yaml); the rest as SPEC (50 ep, SGD 0.01, warm-up 5 at
+# 1e-4, adv lr 0.1, 2 steps, batch 128).
+NPD = {"cifar10": (3.0, 1.0, 0.4), "gtsrb": (5.0, 1.0, 0.5), "tiny": (3.0, 1.0, 0.4)}
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_npd(dataset, architecture):
+    params = resolved("npd", dataset, architecture)
+    norm, clean, others = NPD[dataset]
+    assert params.trigger_norm == norm and params.lambda_clean == clean
+    assert params.lambda_adv == params.lambda_other == params.lambda_target == others
+    assert (params.epochs, params.lr, params.warmup_epochs, params.warmup_lr) == (50, 0.01, 5, 1e-4)
+    assert (params.adv_lr, params.inner_steps, params.batch_size) == (0.1, 2, 128)
