@@ -35,6 +35,15 @@ def test_clp(dataset, architecture):
     assert (params.u, params.bn_eps) == (3.0, False)
 
 
+# FIDELITY.md: u 3 (Tiny 4); FORK's KL without the 1/2 (bnp.py:108) on the last batch (256) of the
+# augmented SPC loader (mbns_batchnorm.py:23).
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_bnp(dataset, architecture):
+    params = resolved("bnp", dataset, architecture)
+    assert params.u == (4.0 if dataset == "tiny" else 3.0)
+    assert (params.exact_kl, params.statistics, params.loader_batch, params.augment) == (False, "last_batch", 256, True)
+
+
 # FIDELITY.md: GTSRB norm 5 with lambda 1/0.5/0.5/0.5; Tiny norm 3.0 with lambda .4; CIFAR 3, .4
 # (FORK config/defense/npd/<dataset>_<arch>.yaml); the rest as SPEC (50 ep, SGD 0.01, warm-up 5 at
 # 1e-4, adv lr 0.1, 2 steps, batch 128).
