@@ -44,6 +44,18 @@ def test_bnp(dataset, architecture):
     assert (params.exact_kl, params.statistics, params.loader_batch, params.augment) == (False, "last_batch", 256, True)
 
 
+# FIDELITY.md: once_prune 1 %, acc_ratio 0.1 (two-sided, strict), FORK's stop rule (k-1 units, the
+# breaking level returned), 100 epochs of fine-tuning at SGD 0.01 / 0.9 / 5e-4, cosine, batch 256,
+# ranking and validation on augmented images (config/defense/fp/*.yaml; fp.py:248-404).
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_fp(dataset, architecture):
+    params = resolved("fp", dataset, architecture)
+    assert (params.step, params.max_relative_change, params.stop_rule, params.augment_selection) == (
+        0.01, 0.1, "fork", True)
+    assert (params.epochs, params.lr, params.momentum, params.weight_decay) == (100, 0.01, 0.9, 5e-4)
+    assert (params.schedule, params.batch_size, params.augment, params.crop_padding) == ("cosine", 256, True, 4)
+
+
 # FIDELITY.md: GTSRB norm 5 with lambda 1/0.5/0.5/0.5; Tiny norm 3.0 with lambda .4; CIFAR 3, .4
 # (FORK config/defense/npd/<dataset>_<arch>.yaml); the rest as SPEC (50 ep, SGD 0.01, warm-up 5 at
 # 1e-4, adv lr 0.1, 2 steps, batch 128).
