@@ -87,6 +87,7 @@ def test_fp_ranks_the_input_of_the_first_linear_and_returns_forks_breaking_level
     assert details["trail"][-1]["held_out_accuracy"] == 0.5
     assert details["pruned"] == [2, 5, 8, 0, 4, 7] and details["pruned_channels"] == 6
     assert details["held_out_accuracy_before"] == 1.0 and details["held_out_accuracy_pruned"] == 0.5
+    assert any("one held-out image (0.500 of 2)" in note for note in details["notes"])
     head = result.model.head
     assert plain_linears(result.model) and isinstance(head, nn.Linear)
     assert head.weight[:, [2, 5, 8, 0, 4, 7]].abs().max() == 0
@@ -112,6 +113,8 @@ def test_the_stop_rule_as_a_pure_function(accuracies, fork, last_passing):
     assert fp.returned_level(accuracies, 0.1, "fork") == fork
     assert fp.returned_level(accuracies, 0.1, "last_passing") == last_passing
     assert fp.masked_units(5, "fork") == 4 and fp.masked_units(0, "fork") == 0
+    # float64 as FORK: 1.0 -> 0.9 is 0.09999999999999998 relative and passes; 0.8 -> 0.72 is 0.10000000000000009
+    assert fp.level_passes(0.9, 1.0, 0.1) and not fp.level_passes(36 / 50, 40 / 50, 0.1)
     assert fp.masked_units(5, "last_passing") == 5
 
 

@@ -192,9 +192,9 @@ def fine_pruning(model, data, params: FPParams, device):
     if baseline == 0:
         notes.append("the unpruned model classifies no held-out image correctly: no accuracy to protect, "
                      "so no unit was pruned")
-    elif 1 / len(held_out) >= params.max_relative_change * baseline:
-        notes.append(f"one held-out image ({1 / len(held_out):.3f} of {len(held_out)}) changes the accuracy by the "
-                     "allowed share or more, so pruning stops at the first level that changes one prediction")
+    elif not level_passes((round(baseline * len(held_out)) - 1) / len(held_out), baseline, params.max_relative_change):
+        notes.append(f"one held-out image ({1 / len(held_out):.3f} of {len(held_out)}) changes the accuracy by more "
+                     "than the rule allows, so pruning stops at the first level that loses one prediction")
     pruned_accuracy = accuracy(model, held_out)
 
     if params.epochs == 0:
