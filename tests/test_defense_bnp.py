@@ -139,7 +139,11 @@ def test_every_architecture_runs_at_two_images(architecture):
     torch.manual_seed(0)
     model, data = create_model(architecture, 10, 32), mitigation(n=2, size=32)
     defended, details = run(model, data)
-    assert details["layers_scored"] == len(batch_norms(model)) and details["notes"] == []
+    # MobileNetV3 (eps 1e-3) gets the eps 1e-5 of the survey code's BNP copy, and says so
+    eps_notes = [note for note in details["notes"] if note.startswith("BN eps set to 1e-05")]
+    assert len(eps_notes) == (architecture == "mobilenet_v3_large")
+    assert details["layers_scored"] == len(batch_norms(model)) and len(details["notes"]) == len(eps_notes)
+    assert {bn.eps for _, bn in batch_norms(defended)} == {1e-5}
     assert all(torch.isfinite(t).all() for t in defended.state_dict().values() if t.is_floating_point())
     assert defended(NORMALISATION.normalise(to_unit(data.images))).shape == (2, 10)
 
@@ -174,7 +178,7 @@ def test_bnp_through_the_defend_stage(digits_backdoor):
     record = defend(digits_backdoor, "bnp")
     assert record["status"] == "ok" and record["defense"] == "bnp" and record["family"] == "pruning"
     assert record["hyperparameters"] == {"u": 3.0, "exact_kl": False, "statistics": "last_batch", "loader_batch": 256,
-                                         "augment": True}
+                                         "augment": True, "copy_bn_eps": 1e-5}
     details = record["details"]
     assert details["pruned_channels"] > 0 and details["images"] == 100 and details["notes"] == []
     print("BNP digits:", {k: record["pre"][k] for k in ("acc", "asr", "ra")}, "->",

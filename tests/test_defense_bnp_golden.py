@@ -3,6 +3,8 @@ on the shared fixture (bnp.npz); FORK's last-batch statistics; zero variances wi
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -76,8 +78,22 @@ def test_the_pruned_sets_equal_the_survey_code_on_the_fixture(mode):
 
 def test_the_defaults_are_forks():
     params = bnp.BNPParams()
-    assert (params.u, params.exact_kl, params.statistics, params.loader_batch, params.augment) == (
-        3.0, False, "last_batch", 256, True)
+    assert (params.u, params.exact_kl, params.statistics, params.loader_batch, params.augment, params.copy_bn_eps) == (
+        3.0, False, "last_batch", 256, True, 1e-5)
+
+
+def test_mobilenets_bn_eps_becomes_that_of_forks_copy_unless_switched_off():
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    data = MitigationData(torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=generator),
+                          torch.arange(4) % 2, Normalisation((0.5,) * 3, (0.25,) * 3, False), 32, 2)
+    model = create_model("mobilenet_v3_large", 2, 32)
+    assert {bn.eps for _, bn in batch_norms(model)} == {1e-3}
+    kept = bnp.batch_norm_pruning(copy.deepcopy(model), data, bnp.BNPParams(copy_bn_eps=0.0), CPU).model
+    assert {bn.eps for _, bn in batch_norms(kept)} == {1e-3}
+    result = bnp.batch_norm_pruning(model, data, bnp.BNPParams(), CPU)
+    assert {bn.eps for _, bn in batch_norms(result.model)} == {1e-5}
+    assert any("BN eps set to 1e-05 in 46 layer(s)" in note for note in result.details["notes"])
 
 
 def test_fork_statistics_come_from_the_last_batch_of_a_shuffle_only():

@@ -42,6 +42,7 @@ def test_bnp(dataset, architecture):
     params = resolved("bnp", dataset, architecture)
     assert params.u == (4.0 if dataset == "tiny" else 3.0)
     assert (params.exact_kl, params.statistics, params.loader_batch, params.augment) == (False, "last_batch", 256, True)
+    assert params.copy_bn_eps == 1e-5  # FORK's MBNS copies: eps 1e-5 on every architecture (model_structure.json)
 
 
 # FIDELITY.md: once_prune 1 %, acc_ratio 0.1 (two-sided, strict), FORK's stop rule (k-1 units, the

@@ -17,7 +17,10 @@ By default, as the survey's code ran it (FORK ``defense/bnp.py:70-126``, ``confi
   (``utils/defense_utils/mbns/mbns_model/mbns_batchnorm.py:23-24``). So with at most 256 images it is
   one augmented batch of all of them, else the last ``n mod 256`` of a shuffle (GTSRB SPC 10: 174 of
   430). Only that batch is forwarded here (in eval mode the others change nothing);
-- u = 3, Tiny-ImageNet 4 (``config/defense/bnp/tiny.yaml``; the paper preset).
+- u = 3, Tiny-ImageNet 4 (``config/defense/bnp/tiny.yaml``; the paper preset);
+- the model is FORK's MBNS copy of the architecture (``bnp.py:get_mbns_network``), whose batch norms
+  all have eps 1e-5: on MobileNetV3-L (own eps 1e-3) the statistics are measured and the returned
+  model evaluated with eps 1e-5 (``copy_bn_eps``; 0 keeps the model's own eps). No-op elsewhere.
 The corrected options: ``exact_kl=True`` scores the exact KL, ``0.5 log(var_r / var_d) + ...``,
 with the BN's eps added to both variances (the variance the layer divides by);
 ``statistics="all"`` pools all mitigation images (float64 moments); ``augment=False`` uses them as
@@ -59,6 +62,7 @@ class BNPParams:
     # (statistics are gathered in batches of STATISTICS_BATCH), so an out-of-memory retry leaves it alone.
     loader_batch: int = 256
     augment: bool = True  # FORK: the training transform (random crop, padding 4; flip where the dataset allows)
+    copy_bn_eps: float = 1e-5  # eps of every BN, as FORK's MBNS copy (mbns_model/*); 0 keeps the model's own
 
     def __post_init__(self):
         if not (math.isfinite(self.u) and self.u >= 0):
@@ -67,6 +71,8 @@ class BNPParams:
             raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
         if self.loader_batch < 1:
             raise ValueError(f"loader_batch must be at least 1, got {self.loader_batch}")
+        if not (math.isfinite(self.copy_bn_eps) and self.copy_bn_eps >= 0):
+            raise ValueError(f"copy_bn_eps must be a finite number >= 0, got {self.copy_bn_eps}")
 
 
 class ChannelMoments:
@@ -163,6 +169,13 @@ def batch_norm_pruning(model, data, params: BNPParams, device):
         notes.append(f"the last batch of {params.loader_batch} holds a single image: each channel's statistics "
                      "are over its spatial positions only")
 
+    if params.copy_bn_eps:
+        changed = [name for name, bn in batch_norms(model) if bn.eps != params.copy_bn_eps]
+        for _, bn in batch_norms(model):
+            bn.eps = params.copy_bn_eps
+        if changed:
+            notes.append(f"BN eps set to {params.copy_bn_eps:g} in {len(changed)} layer(s), as the survey code's "
+                         "copy of the architecture")
     accuracy_before = accuracy(model, data)
     generator = torch.Generator().manual_seed(run_seed())
     measured = data if params.statistics == "all" else last_batch(data, params.loader_batch, generator)
