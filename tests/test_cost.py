@@ -105,6 +105,17 @@ def test_a_defenses_cost_grows_linearly_with_its_epochs(name, epochs):
     assert costs[2] - costs[1] == pytest.approx(costs[1] - costs[0])
 
 
+def test_bnp_measures_only_the_loaders_last_batch_as_the_survey_code_keeps_only_its_statistics():
+    params, forward = DEFENSES.get("bnp").params(), 1 / 3
+    gtsrb_spc10 = MitigationSize(images=430, classes=43)  # last batch: 430 - 256 = 174 images
+    accuracy_checks = 2 * 430 * forward
+    assert defense_passes("bnp", params, gtsrb_spc10) == pytest.approx(174 * forward + accuracy_checks)
+    full_last_batch = MitigationSize(images=512, classes=10)  # 512 = 2 x 256: the last batch is full
+    assert defense_passes("bnp", params, full_last_batch) == pytest.approx((256 + 2 * 512) * forward)
+    pooled = dataclasses.replace(params, statistics="all")
+    assert defense_passes("bnp", pooled, gtsrb_spc10) == pytest.approx(3 * 430 * forward)
+
+
 def test_every_implemented_defense_has_a_cost_model():
     assert {entry.name for entry in DEFENSES.entries() if entry.implemented} <= set(DEFENSE_PASSES)
 

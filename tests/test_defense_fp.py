@@ -1,5 +1,5 @@
-"""FP (fine-pruning): activation ranking, the held-out stopping rule, a mask that fine-tuning
-cannot revive, every architecture, too few data, and the defend stage end to end."""
+"""FP (fine-pruning): ranking the input of the first Linear, FORK's stop rule and the corrected one,
+a mask that fine-tuning cannot revive, every architecture, too few data, and the defend stage end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import bdsweep.defenses.fp as fp
 from bdsweep.defenses import Defended, MitigationData
-from bdsweep.defenses.fp import ChannelMask, FPParams, fine_pruning, prune_until_accuracy_drops
+from bdsweep.defenses.fp import FPParams, fine_pruning
 from bdsweep.engine import Normalisation
 from bdsweep.models import ModelParts, create_model
 from conftest import defend
@@ -62,57 +62,88 @@ def random_data(spc: int, classes: int, size: int) -> MitigationData:
     return MitigationData(images, labels, NORMALISATION, size, classes)
 
 
-def masks(model) -> list[ChannelMask]:
-    return [module for module in model.modules() if isinstance(module, ChannelMask)]
+def plain_linears(model) -> bool:
+    """No pruning re-parametrisation left behind: every Linear holds a plain weight again."""
+    return all(not hasattr(m, "weight_orig") and not hasattr(m, "weight_mask")
+               for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def test_fp_prunes_the_lowest_activation_channels_first_and_stops_before_the_one_clean_data_need():
+# Ascending mean activation at the head's input: 0.05 (2), 0.1 (5), 0.2 (8), 0.3 (0), 0.5 (4), then
+# channel 7 (~0.73), whose pruning halves the validation accuracy.
+KNOWN = dict(step=0.1, epochs=0, augment_selection=False)
+
+
+def test_fp_ranks_the_input_of_the_first_linear_and_returns_forks_breaking_level():
     torch.manual_seed(0)
-    result = fine_pruning(KnownActivations(), red_blue_data(), FPParams(step=0.1, epochs=0), CPU)
+    model = KnownActivations()
+    before = model.head.weight.detach().clone()
+    result = fine_pruning(model, red_blue_data(), FPParams(**KNOWN), CPU)
     assert isinstance(result, Defended)
     details = result.details
-    # Ascending mean activation: 0.05 (2), 0.1 (5), 0.2 (8), 0.3 (0), 0.5 (4), then channel 7 (~0.73),
-    # whose pruning halves the held-out accuracy: the rule stops and keeps the five before it.
-    assert details["pruned"] == [2, 5, 8, 0, 4]
-    assert details["pruned_channels"] == 5 and details["channels"] == 10
-    assert [step["pruned"] for step in details["trail"]] == [0, 1, 2, 3, 4, 5, 6]
+    assert details["layer"] == "head" and details["units"] == 10
+    # FORK: level k masks k - 1 units, and the level that broke the rule (7: channel 7 masked) is returned.
+    assert [step["pruned"] for step in details["trail"]] == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert [step["masked"] for step in details["trail"]] == [0, 0, 1, 2, 3, 4, 5, 6]
     assert details["trail"][-1]["held_out_accuracy"] == 0.5
-    assert details["held_out_accuracy_before"] == details["held_out_accuracy_pruned"] == 1.0
-    (mask,) = masks(result.model)
-    assert mask.mask.tolist() == [0, 1, 0, 1, 0, 0, 1, 1, 0, 1]
-    assert isinstance(result.model.features, nn.Sequential) and result.model.features[1] is mask
+    assert details["pruned"] == [2, 5, 8, 0, 4, 7] and details["pruned_channels"] == 6
+    assert details["held_out_accuracy_before"] == 1.0 and details["held_out_accuracy_pruned"] == 0.5
+    assert any("one held-out image (0.500 of 2)" in note for note in details["notes"])
+    head = result.model.head
+    assert plain_linears(result.model) and isinstance(head, nn.Linear)
+    assert head.weight[:, [2, 5, 8, 0, 4, 7]].abs().max() == 0
+    assert torch.equal(head.weight[:, [1, 3, 6, 9]], before[:, [1, 3, 6, 9]])
 
 
-@pytest.mark.parametrize("max_drop, kept", [(0.1, 3), (0.05, 1), (0.2, 5)])
-def test_the_stopping_rule_keeps_the_last_level_within_the_relative_drop(monkeypatch, max_drop, kept):
-    # Held-out accuracy by number of pruned channels: base 0.8; 3 pruned loses exactly 10 %, 4 loses 12.5 %;
-    # 5 recovers, but a rule that stops at the first excessive drop never looks there (at 10 %).
-    scripted = {0: 0.8, 1: 0.8, 2: 0.75, 3: 0.72, 4: 0.70, 5: 0.8, 6: 0.5, 7: 0.4}
-    mask = ChannelMask(8)
-    monkeypatch.setattr(fp, "accuracy", lambda model, data: scripted[int((mask.mask == 0).sum())])
-    order = torch.tensor([6, 1, 4, 0, 7, 3, 2, 5])
-    params = FPParams(step=0.125, max_relative_drop=max_drop)
-    pruned, trail = prune_until_accuracy_drops(None, mask, order, None, params)
-    assert pruned == kept
-    assert trail[-1]["pruned"] == kept + 1  # the level that broke the rule was tried, then undone
-    assert torch.equal(torch.nonzero(mask.mask == 0).flatten().sort().values, order[:kept].sort().values)
+def test_the_corrected_rule_keeps_the_last_level_that_passed_with_k_units_masked():
+    torch.manual_seed(0)
+    result = fine_pruning(KnownActivations(), red_blue_data(), FPParams(**KNOWN, stop_rule="last_passing"), CPU)
+    details = result.details
+    assert [step["masked"] for step in details["trail"]] == [0, 1, 2, 3, 4, 5, 6]
+    assert details["pruned"] == [2, 5, 8, 0, 4] and details["held_out_accuracy_pruned"] == 1.0
+    assert result.model.head.weight[:, 7].abs().max() > 0
+
+
+@pytest.mark.parametrize("accuracies, fork, last_passing", [
+    ([0.8, 0.8, 0.75, 0.5], 3, 2),  # a 37.5 % fall at level 3
+    ([0.5, 0.5, 0.6], 2, 1),  # a 20 % RISE also stops (two-sided)
+    ([0.5, 0.4], 1, 0),  # the first level fails
+    ([1.0, 0.95, 0.91, 0.95], 3, 3),  # never leaves the band: the last level tried
+])
+def test_the_stop_rule_as_a_pure_function(accuracies, fork, last_passing):
+    assert fp.returned_level(accuracies, 0.1, "fork") == fork
+    assert fp.returned_level(accuracies, 0.1, "last_passing") == last_passing
+    assert fp.masked_units(5, "fork") == 4 and fp.masked_units(0, "fork") == 0
+    # float64 as FORK: 1.0 -> 0.9 is 0.09999999999999998 relative and passes; 0.8 -> 0.72 is 0.10000000000000009
+    assert fp.level_passes(0.9, 1.0, 0.1) and not fp.level_passes(36 / 50, 40 / 50, 0.1)
+    assert fp.masked_units(5, "last_passing") == 5
 
 
 def test_the_mask_survives_fine_tuning():
     torch.manual_seed(0)
     model = create_model("small_cnn", 4, 8)
     result = fine_pruning(model, random_data(spc=4, classes=4, size=8),
-                          FPParams(step=0.25, max_relative_drop=0.9, epochs=3, lr=0.5, batch_size=8), CPU)
+                          FPParams(step=0.25, max_relative_change=0.9, epochs=3, lr=0.5, batch_size=8), CPU)
     pruned = result.details["pruned"]
-    assert pruned, "the test needs some pruned channels"
-    (mask,) = masks(result.model)
-    assert not any(p is mask.mask for p in result.model.parameters())
-    assert torch.nonzero(mask.mask == 0).flatten().tolist() == sorted(pruned)
-    # The pruned channels are exactly zero at the stage output after training, for any input.
-    outputs = []
-    mask.register_forward_hook(lambda module, inputs, output: outputs.append(output))
-    result.model.eval()(torch.randn(3, 3, 8, 8))
-    assert outputs[0][:, pruned].abs().max() == 0 and outputs[0].abs().sum() > 0
+    assert pruned, "the test needs some pruned units"
+    weight = result.model.classifier.weight
+    assert plain_linears(result.model)
+    assert torch.nonzero(weight.abs().sum(0) == 0).flatten().tolist() == sorted(pruned)
+    assert weight.abs().sum() > 0
+
+
+def test_the_ranked_layer_is_the_first_linear_in_module_order():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+            self.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    assert fp.first_linear(TwoHeads()) == "classifier.0"
+    assert fp.first_linear(create_model("mobilenet_v3_large", 2, 32)) == "classifier.0"
+    preact = create_model("preact_resnet18", 2, 32)
+    assert fp.first_linear(preact) == preact.parts.classifier
+    with pytest.raises(ValueError, match="nn.Linear"):
+        fp.first_linear(nn.Sequential(nn.Conv2d(3, 4, 1)))
 
 
 # vgg19_bn is left out only for time: building its 139M-parameter head alone takes ~10 s on one busy core.
@@ -120,9 +151,11 @@ def test_the_mask_survives_fine_tuning():
 def test_fp_runs_on_every_architecture_with_two_images_per_class(name):
     torch.manual_seed(0)
     model = create_model(name, 2, 32)
+    linear = model.get_submodule(fp.first_linear(model))
     result = fine_pruning(model, random_data(spc=2, classes=2, size=32), FPParams(step=0.25, epochs=1), CPU)
     details = result.details
-    assert details["layer"] == model.parts.stages[-1] and len(masks(result.model)) == 1
+    assert details["layer"] == fp.first_linear(model) and details["units"] == linear.in_features
+    assert plain_linears(result.model)
     assert all(torch.isfinite(t).all() for t in result.model.state_dict().values() if t.is_floating_point())
     assert result.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 2)
     assert any("fewer than the batch size" in note for note in details["notes"])
@@ -141,7 +174,8 @@ def test_too_few_data_degrade_as_documented():
     assert any("fine-tuning skipped" in note for note in one.details["notes"])
 
 
-@pytest.mark.parametrize("field, value", [("step", 0.0), ("step", 1.5), ("max_relative_drop", 1.0),
+@pytest.mark.parametrize("field, value", [("step", 0.0), ("step", 1.5), ("max_relative_change", 1.0),
+                                          ("max_relative_change", 0.0), ("stop_rule", "best"),
                                           ("epochs", -1), ("lr", 0.0), ("schedule", "step"), ("batch_size", 0)])
 def test_params_reject_out_of_range_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):
@@ -149,7 +183,10 @@ def test_params_reject_out_of_range_values_by_name(field, value):
 
 
 def test_fp_through_the_defend_stage_removes_the_backdoor(digits_backdoor):
-    record = defend(digits_backdoor, "fp", {"epochs": 20, "lr": 0.05, "batch_size": 32}, out="fp.json")
+    # Unaugmented validation: with FORK's augmented one, 10 validation images and a 10 % rule, the
+    # augmentation alone flips one prediction at level 1 (measured 0.9 -> 1.0) and nothing is pruned.
+    params = {"epochs": 20, "lr": 0.05, "batch_size": 32, "augment_selection": False}
+    record = defend(digits_backdoor, "fp", params, out="fp.json")
     assert record["status"] == "ok" and record["defense"] == "fp" and record["family"] == "pruning"
     assert record["hyperparameters"]["step"] == 0.01 and record["details"]["pruned_channels"] > 0
     assert record["pre"]["asr"] > 0.7

@@ -132,11 +132,12 @@ def conv_bn(out_channels=8):
 def test_channel_lipschitz_is_the_top_singular_value_of_the_scaled_kernel():
     model = conv_bn()
     conv, bn = model[0], model[1]
-    ours = channel_lipschitz(conv, bn).detach().numpy()
-    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs().detach().numpy()
-    for k in range(8):
-        kernel = conv.weight[k].detach().numpy().reshape(3, -1) * scale[k]
-        assert ours[k] == pytest.approx(np.linalg.svd(kernel, compute_uv=False)[0], rel=1e-5)
+    for bn_eps, eps in ((False, 0.0), (True, bn.eps)):  # FORK's sigma (no eps) by default; eps on request
+        ours = channel_lipschitz(conv, bn, bn_eps).detach().numpy()
+        scale = (bn.weight / torch.sqrt(bn.running_var + eps)).abs().detach().numpy()
+        for k in range(8):
+            kernel = conv.weight[k].detach().numpy().reshape(3, -1) * scale[k]
+            assert ours[k] == pytest.approx(np.linalg.svd(kernel, compute_uv=False)[0], rel=1e-5)
 
 
 def test_clp_prunes_exactly_the_channels_above_mean_plus_u_std_and_needs_no_data():

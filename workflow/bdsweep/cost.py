@@ -128,6 +128,11 @@ def _fp(p, m):
     return activations + pruning_checks + p.epochs * m.fit
 
 
+def _bnp(p, m):  # the statistics batch (FORK: the loader's last batch only), then accuracy before and after
+    measured = m.images if p.statistics == "all" else (m.images - 1) % p.loader_batch + 1 if m.images else 0
+    return (measured + 2 * m.images) * FORWARD
+
+
 def _anp(p, m):
     thresholds = int(p.pruning_max / p.pruning_step) + 1
     return p.iterations * min(p.batch_size, m.fit) * (p.steps + 2) + thresholds * m.classes * FORWARD
@@ -173,7 +178,7 @@ def _sau(p, m):  # per step: clean predictions of both models, PGD through both,
 DEFENSE_PASSES: dict[str, Callable[[object, MitigationSize], float]] = {
     "none": lambda p, m: 0.0,
     "clp": lambda p, m: 0.0,  # weights only
-    "bnp": lambda p, m: m.images * FORWARD,
+    "bnp": _bnp,
     "fp": _fp,
     "anp": _anp,
     "awm": _awm,

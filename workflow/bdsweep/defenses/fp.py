@@ -1,49 +1,60 @@
 """FP: Fine-Pruning (Liu, Dolan-Gavitt & Garg, "Fine-Pruning: Defending Against Backdooring
-Attacks on Deep Neural Networks", RAID 2018).
+Attacks on Deep Neural Networks", RAID 2018), as the survey's code ran it (FORK ``defense/fp.py``).
 
-1. Record the mean activation of every channel at the output of the last conv block
-   (``model.parts.stages[-1]``) on the mitigation data.
-2. Mask channels in increasing order of mean activation, ``step`` (1 %) of the channels at a time,
-   until accuracy on held-out data drops by more than ``max_relative_drop`` (10 %) relative to the
-   unpruned model; keep the last level before that drop.
-3. Fine-tune the pruned model with the engine; the mask is a buffer, so the channels stay pruned.
+1. Split validation images off the mitigation data (``support.split_held_out``; FORK
+   ``spc_choose_poisoned_sample(..., val_ratio=0.1)``, ``fp.py:248-271``), never test data (FORK's
+   parent BackdoorBench stops on test accuracy).
+2. Rank the units of the INPUT of the first ``nn.Linear`` (in module order) by their mean over the
+   fitting images (FORK hooks the input of the model's last child and prunes the first Linear in it,
+   ``fp.py:308-345``): PreAct-ResNet18 and the small CNN 512/64 pooled channels, EfficientNet-B3
+   1,536, MobileNetV3-L 960, VGG19-BN the 25,088 flattened units of its 7x7 pooled map (49 per
+   channel; at 32 px the 49 are equal, and ties keep index order: ``argsort(stable=True)``).
+3. Mask the lowest units, ``ceil(units * step)`` more per level (VGG: 251), by zeroing columns of
+   that Linear's weight (``torch.nn.utils.prune.custom_from_mask``, as FORK), and test each level on
+   the validation images: a level passes if ``abs(acc - acc_0) / acc_0 < max_relative_change``
+   (``fp.py:400``: two-sided, strict, float64; a 10 % rise also stops).
+4. Fine-tune the pruned model on the fitting images with the mask in place (FORK
+   ``config/defense/fp``: 100 epochs, SGD 0.01, momentum 0.9, weight decay 5e-4, batch 256, cosine,
+   the training augmentation); the mask is then made permanent (zero weight columns).
 
-Interpretations. The held-out data are one image per class split off the mitigation data
-(``split_held_out``), never test data (the toolkit stops on test accuracy). Channels are ranked on
-the fitting part, and fine-tuning uses the fitting part too, so the held-out images stay unseen.
-The pruning is a channel-mask module inserted after the last stage, not a temporary hook. The
-fine-tuning defaults are the toolkit's (BackdoorBench ``config/defense/fp``: 100 epochs, SGD lr
-0.01, momentum 0.9, weight decay 5e-4, batch 256, cosine; the same augmentation as training).
-``epochs = 0`` prunes without fine-tuning.
+FORK's quirks, reproduced by default (``stop_rule="fork"``): level k masks ``seq_sort[:k-1]``, one
+unit fewer than k (``fp.py:359``), and the model returned is the one pruned at the level that broke
+the rule (``last_net`` is the same object as the pruned model, ``fp.py:355, 374-404``), or at the
+last level tried. ``stop_rule="last_passing"`` masks k units at level k and returns the last level
+that passed. Also as FORK: ranking and validation images go through the training transform
+(random crop, flip where the dataset allows; ``augment_selection``), the fitting images in one pass.
 
 Too few data: at SPC 1 the held-out images are also fitting images (``split_held_out``'s note);
 with fewer than 2 fitting images fine-tuning is skipped; a fitting set smaller than the batch size
-trains one batch per epoch; a held-out accuracy of 0 leaves nothing to protect, so nothing is
-pruned. Each case is recorded in ``details["notes"]``.
+trains one batch per epoch; a validation accuracy of 0 leaves nothing to protect (FORK divides by
+it), so nothing is pruned. Each case is recorded in ``details["notes"]``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
-from ..engine import SCHEDULES, Recipe, autocast, train
-from ..models import insert_after
+from ..engine import SCHEDULES, Recipe, train
 from ..params import check_ranges
 from . import Defended, defense, run_seed
-from .support import accuracy, batches, layer_outputs, split_held_out
+from .support import accuracy, batches, split_held_out
 
-# Float noise must not turn "exactly 10 % lost" (one of ten held-out images) into "more than 10 %".
-TOLERANCE = 1e-9
+STOP_RULES = ("fork", "last_passing")
+LISTED_UNITS = 4096  # details list the pruned units only up to this many (VGG19-BN has 25,088)
 
 
 @dataclass(frozen=True)
 class FPParams:
-    step: float = 0.01  # share of the channels pruned per step (the toolkit's once_prune_ratio)
-    max_relative_drop: float = 0.1  # held-out accuracy may fall at most this much, relative (acc_ratio)
+    step: float = 0.01  # share of the units masked per level (FORK once_prune_ratio)
+    max_relative_change: float = 0.1  # a level passes if |acc - acc_0| / acc_0 is below this (FORK acc_ratio)
+    stop_rule: str = "fork"  # "fork": k-1 units at level k, return the breaking level; "last_passing": k, the last pass
+    augment_selection: bool = True  # FORK: ranking and validation images get the training transform
     epochs: int = 100  # fine-tuning; 0 prunes only
     batch_size: int = 256
     lr: float = 0.01
@@ -55,7 +66,8 @@ class FPParams:
 
     def __post_init__(self):
         checks = {
-            "step": 0 < self.step <= 1, "max_relative_drop": 0 <= self.max_relative_drop < 1,
+            "step": 0 < self.step <= 1, "max_relative_change": 0 < self.max_relative_change < 1,
+            "stop_rule": self.stop_rule in STOP_RULES,
             "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
             "schedule": self.schedule in SCHEDULES, "crop_padding": self.crop_padding >= 0,
@@ -67,72 +79,122 @@ class FPParams:
                       self.crop_padding, self.augment)
 
 
-class ChannelMask(nn.Module):
-    """Multiplies each channel of an NCHW tensor by a fixed 0/1 mask (a buffer: training never changes it)."""
+# ---------------------------------------------------------------------- the stop rule, as pure functions
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.register_buffer("mask", torch.ones(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.to(x.dtype).view(1, -1, 1, 1)
+def level_passes(accuracy: float, baseline: float, max_relative_change: float) -> bool:
+    """FORK ``fp.py:400``: ``abs(val_acc - val_acc_0) / val_acc_0 < acc_ratio`` (float64, strict, two-sided)."""
+    return abs(accuracy - baseline) / baseline < max_relative_change
+
+
+def returned_level(accuracies: Sequence[float], max_relative_change: float, rule: str) -> int:
+    """Index of the level whose model is returned, given the validation accuracies of the levels
+    tried in order (level 0 unpruned; a level that fails ends the sequence). "fork": the level that
+    broke the rule, else the last one tried; "last_passing": the last level that passed."""
+    last_passing = 0
+    for level, value in enumerate(accuracies[1:], 1):
+        if not level_passes(value, accuracies[0], max_relative_change):
+            return level if rule == "fork" else last_passing
+        last_passing = level
+    return last_passing
+
+
+def masked_units(pruned: int, rule: str) -> int:
+    """Units masked at a level of ``pruned`` units: FORK masks ``seq_sort[0:pruned-1]`` (``fp.py:359``)."""
+    return max(pruned - 1, 0) if rule == "fork" else pruned
+
+
+# ---------------------------------------------------------------------------------------------- the defense
+
+
+def first_linear(model: nn.Module) -> str:
+    """Name of the first ``nn.Linear`` in module order: the layer whose input FP ranks and masks."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return name
+    raise ValueError("FP needs an nn.Linear layer: the model has none")
 
 
 @torch.inference_mode()
-def mean_channel_activation(model: nn.Module, data, layer: str, batch_size: int = 512) -> torch.Tensor:
-    """Mean over images and positions of every channel of ``layer``'s output, in eval mode."""
+def mean_input_activation(model: nn.Module, data, layer: str, batch_size: int = 256,
+                          generator: torch.Generator | None = None, augment: bool = False) -> torch.Tensor:
+    """Mean over the images of every unit of ``layer``'s (flattened) input, in eval mode, float32
+    (FORK ``fp.py:318-330``: the sum over each batch divided by the number of images)."""
     model.eval()
-    total, count = None, 0
-    with layer_outputs(model, [layer]) as outputs:
-        for x, _ in batches(data, batch_size):
-            with autocast(x.device):
-                model(x)
-            activation = outputs[layer].float()
-            summed = activation.sum(dim=(0, 2, 3))
-            total = summed if total is None else total + summed
-            count += activation.shape[0] * activation.shape[2] * activation.shape[3]
-    return total / count
+    captured = []
+    handle = model.get_submodule(layer).register_forward_pre_hook(
+        lambda module, inputs: captured.append(inputs[0].flatten(1).float().sum(0)))
+    try:
+        for x, _ in batches(data, batch_size, generator, augment=augment):
+            model(x)  # float32, no autocast, as FORK: bf16 would tie and reorder close activations
+    finally:
+        handle.remove()
+    return torch.stack(captured).sum(0) / len(data)
 
 
-def prune_until_accuracy_drops(model, mask: ChannelMask, order: torch.Tensor, held_out, params: FPParams
-                               ) -> tuple[int, list[dict]]:
-    """Mask ``order``'s channels in steps; the number kept masked and the (pruned, accuracy) trail."""
-    channels = len(order)
-    per_step = max(1, math.ceil(channels * params.step))
-    baseline = accuracy(model, held_out)
-    trail, kept = [{"pruned": 0, "held_out_accuracy": baseline}], 0
+@torch.inference_mode()
+def selection_accuracy(model: nn.Module, data, generator: torch.Generator, augment: bool) -> float:
+    """Validation accuracy in float32 (FORK's test loop has no autocast), on augmented images where
+    FORK's validation loader augments them (``augment``)."""
+    model.eval()
+    correct = 0
+    for x, y in batches(data, 512, generator if augment else None, augment=augment):
+        correct += int((model(x).argmax(1) == y).sum())
+    return correct / len(data)
+
+
+def prune_levels(model: nn.Module, linear: nn.Linear, order: torch.Tensor, held_out, params: FPParams,
+                 generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Mask ``order``'s units level by level on ``linear``'s pruning mask; (units masked in the
+    returned model, the trail of levels tried). The mask is left at the returned level."""
+    mask = linear.weight_mask
+    per_step = max(1, math.ceil(len(order) * params.step))
+
+    def evaluate(pruned: int) -> dict:
+        masked = masked_units(pruned, params.stop_rule)
+        mask.fill_(1)
+        mask[:, order[:masked]] = 0
+        return {"pruned": pruned, "masked": masked,
+                "held_out_accuracy": selection_accuracy(model, held_out, generator, params.augment_selection)}
+
+    trail = [evaluate(0)]
+    baseline = trail[0]["held_out_accuracy"]
     if baseline > 0:
-        # Never all channels: the toolkit's loop stops short of them too.
-        for pruned in range(per_step, channels, per_step):
-            mask.mask[order[:pruned]] = 0
-            held_out_accuracy = accuracy(model, held_out)
-            trail.append({"pruned": pruned, "held_out_accuracy": held_out_accuracy})
-            if (baseline - held_out_accuracy) / baseline > params.max_relative_drop + TOLERANCE:
+        for pruned in range(per_step, len(order), per_step):  # FORK: range(0, units, step), never all units
+            trail.append(evaluate(pruned))
+            if not level_passes(trail[-1]["held_out_accuracy"], baseline, params.max_relative_change):
                 break
-            kept = pruned
-    mask.mask.fill_(1)
-    mask.mask[order[:kept]] = 0
-    return kept, trail
+        level = returned_level([t["held_out_accuracy"] for t in trail], params.max_relative_change, params.stop_rule)
+    else:
+        level = 0
+    masked = trail[level]["masked"]
+    mask.fill_(1)
+    mask[:, order[:masked]] = 0
+    return masked, trail
 
 
-@defense("fp", "FP: fine-pruning of low-activation last-conv channels", FPParams, family="pruning")
+@defense("fp", "FP: fine-pruning of the lowest-activation inputs of the first linear layer", FPParams,
+         family="pruning")
 def fine_pruning(model, data, params: FPParams, device):
     model = model.to(device)
-    fit, held_out, note = split_held_out(data, torch.Generator().manual_seed(run_seed()))
+    generator = torch.Generator().manual_seed(run_seed())
+    fit, held_out, note = split_held_out(data, generator)
     notes = [note] if note else []
 
-    layer = model.parts.stages[-1]
-    activation = mean_channel_activation(model, fit, layer)
-    order = torch.argsort(activation)  # lowest mean activation first: the channels clean data barely use
-    mask = insert_after(model, layer, ChannelMask(len(order)).to(device))
+    layer = first_linear(model)
+    linear = model.get_submodule(layer)
+    activation = mean_input_activation(model, fit, layer, params.batch_size, generator, params.augment_selection)
+    order = torch.argsort(activation, stable=True)  # lowest mean activation first: units clean data barely use
+    prune.custom_from_mask(linear, "weight", torch.ones_like(linear.weight))
     with torch.no_grad():
-        pruned, trail = prune_until_accuracy_drops(model, mask, order, held_out, params)
-    if trail[0]["held_out_accuracy"] == 0:
+        masked, trail = prune_levels(model, linear, order, held_out, params, generator)
+    baseline = trail[0]["held_out_accuracy"]
+    if baseline == 0:
         notes.append("the unpruned model classifies no held-out image correctly: no accuracy to protect, "
-                     "so no channel was pruned")
-    elif 1 / len(held_out) > params.max_relative_drop * trail[0]["held_out_accuracy"] + TOLERANCE:
-        notes.append(f"one held-out image ({1 / len(held_out):.3f} of {len(held_out)}) exceeds the allowed drop, "
-                     "so pruning stops at the first level that misclassifies one more held-out image")
+                     "so no unit was pruned")
+    elif not level_passes((round(baseline * len(held_out)) - 1) / len(held_out), baseline, params.max_relative_change):
+        notes.append(f"one held-out image ({1 / len(held_out):.3f} of {len(held_out)}) changes the accuracy by more "
+                     "than the rule allows, so pruning stops at the first level that loses one prediction")
     pruned_accuracy = accuracy(model, held_out)
 
     if params.epochs == 0:
@@ -145,16 +207,19 @@ def fine_pruning(model, data, params: FPParams, device):
                          "fine-tuning trains one batch per epoch")
         train(model, fit.images, fit.labels, params.recipe(), data.normalisation, run_seed(),
               description="FP fine-tune", progress=False)
-    return Defended(model, {
+    prune.remove(linear, "weight")  # the masked columns stay zero: a plain Linear again
+    details = {
         "layer": layer,
-        "channels": len(order),
-        "pruned_channels": pruned,
-        "pruned_ratio": pruned / len(order),
-        "pruned": order[:pruned].tolist(),
+        "units": len(order),
+        "pruned_channels": masked,
+        "pruned_ratio": masked / len(order),
         "held_out_images": len(held_out),
-        "held_out_accuracy_before": trail[0]["held_out_accuracy"],
+        "held_out_accuracy_before": baseline,
         "held_out_accuracy_pruned": pruned_accuracy,
         "held_out_accuracy_after": accuracy(model, held_out),
         "trail": trail,
         "notes": notes,
-    })
+    }
+    if len(order) <= LISTED_UNITS:
+        details["pruned"] = order[:masked].tolist()
+    return Defended(model, details)

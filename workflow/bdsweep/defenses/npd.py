@@ -50,11 +50,11 @@ class NPDParams:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
-    trigger_norm: float = 3.0  # L2 bound in [0, 1] pixel units (the toolkit: GTSRB 5, Tiny 6)
+    trigger_norm: float = 3.0  # L2 bound in [0, 1] pixel units (FORK npd/<dataset>_<arch>.yaml: GTSRB 5, Tiny 3)
     adv_lr: float = 0.1
     inner_steps: int = 2
     lambda_clean: float = 1.0  # CE on clean images
-    lambda_adv: float = 0.4  # CE of adversarial images with their true label
+    lambda_adv: float = 0.4  # CE of adversarial images with their true label (FORK GTSRB yaml lmd2-4: 0.5)
     lambda_other: float = 0.4  # push down the top wrong class on adversarial images
     lambda_target: float = 0.4  # push down the estimated target on adversarial images
     augment: bool = True  # random crop (padding 4) and flip where the dataset allows
