@@ -73,8 +73,3 @@ def params_json(config: dict, section: str, name: str | None, dataset: str, arch
     entry = config[section] if name is None else config[section][name]
     return json.dumps(method_params(entry, dataset, architecture), sort_keys=True)
 
-
-def batch_percent(attempt: int) -> int:
-    """The defend rule's batch-size percentage on its ``attempt``-th try: 100, 50, 25, ... (at least
-    1), so a run that ran out of GPU memory is retried with half the batch each time."""
-    return max(1, 100 >> (attempt - 1))

@@ -10,8 +10,12 @@ Parquet table with one row per run. Table columns:
   after (null when the run failed); arr, rdr: attack-removal metrics (see ``bdsweep.metrics``)
 - status ("ok" or "failed"), reason (why it failed), wall_time_s, peak_memory_bytes,
   peak_memory_kind, device
+- batch_percent: 100, or the percentage of its batch sizes a run was computed at after running
+  out of device memory (``<run>.oom`` beside its file; delete that file to recompute at full size)
 - acc_below_gate, asr_below_gate: the backdoored model failed a sanity gate
 - hyperparameter_hash, hyperparameters (JSON), details (JSON), versions (JSON), path
+- (not in the table) resumed: null, or where the run resumed from an earlier attempt's
+  checkpoint (phase number and label, phases saved)
 - inputs_fingerprint: what the run depended on (defense, overrides, coordinates, input file
   contents); a run file recording the current fingerprint is up to date (``stages/defend_model``)
 """
@@ -39,7 +43,7 @@ class UnreadableRunFiles(ValueError):
 
 def table_row(record: dict, path: str) -> dict:
     row = {key: value for key, value in record.items()
-           if key not in ("pre", "post", "removal", "model_sanity", *JSON_COLUMNS)}
+           if key not in ("pre", "post", "removal", "model_sanity", "resumed", *JSON_COLUMNS)}
     for stage in ("pre", "post"):
         for metric in METRICS:
             row[f"{stage}_{metric}"] = (record[stage] or {}).get(metric)
@@ -47,6 +51,7 @@ def table_row(record: dict, path: str) -> dict:
     row.update(record["model_sanity"])
     for column in JSON_COLUMNS:
         row[column] = json.dumps(record.get(column), sort_keys=True)
+    row.setdefault("batch_percent", 100)  # run files written before the column: full batch sizes
     row["path"] = str(path)
     return row
 

@@ -209,6 +209,13 @@ class DefenseSession:
         saved = checkpoint.load()
         self.phases: dict[int, dict] = dict(saved["phases"]) if saved and "phases" in saved else {}
         self.next_phase = 0
+        # What the checkpoint held when the run started: a resumed run records where it resumed.
+        self.resumed_from = None
+        if self.phases:
+            last = max(self.phases)
+            self.resumed_from = {"phase": last, "label": self.phases[last]["label"], "saved_phases": len(self.phases)}
+            print(f"bdsweep: resuming from {checkpoint.path}: phase {last} ({self.phases[last]['label']}), "
+                  f"{len(self.phases)} phase(s) saved", file=sys.stderr)
 
     def phase(self, label: str) -> PhaseCheckpoint:
         number, self.next_phase = self.next_phase, self.next_phase + 1
