@@ -24,12 +24,13 @@ def list_methods(args) -> None:
 
 
 def validate(args) -> None:
-    from .config import read_config, unimplemented, validate_config
+    from .config import check_class_sizes, read_config, unimplemented, validate_config
     from .grid import models, runs
     from .layout import CLEAN
 
     raw = read_config(args.config)
     config = validate_config(raw)
+    check_class_sizes(config)
     grid_models = models(config)
     clean = sum(model.attack == CLEAN for model in grid_models)
     print(f"{args.config}: valid; {len(grid_models) - clean} backdoored + {clean} clean models, "

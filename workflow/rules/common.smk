@@ -12,7 +12,7 @@ sys.path.insert(0, WORKFLOW_DIR)
 shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 
 from bdsweep import grid, layout  # noqa: E402
-from bdsweep.config import ConfigError, unimplemented, validate_config  # noqa: E402
+from bdsweep.config import ConfigError, check_class_sizes, unimplemented, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
@@ -23,6 +23,7 @@ if "datasets" not in config:
 
 try:
     CONFIG = validate_config(config)
+    check_class_sizes(CONFIG)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 _skipped = unimplemented(config)
