@@ -83,7 +83,8 @@ def test_a_poison_file_with_float_labels_is_refused_naming_it(tmp_path):
 
     path = tmp_path / "poison.npz"
     write_npz(path, train_indices=np.array([1, 2]), train_images=np.zeros((2, 8, 8, 3), np.uint8),
-              train_labels=np.array([0.0, 0.4]), test_indices=np.array([0]), test_images=np.zeros((1, 8, 8, 3), np.uint8))
+              train_labels=np.array([0.0, 0.4]), test_indices=np.array([0]),
+              test_images=np.zeros((1, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match=f"poison file {path}: array 'train_labels' has dtype float64"):
         load_poison(path)
 
