@@ -128,10 +128,11 @@ def test_out_of_memory_halves_only_that_runs_batches_records_it_and_the_same_com
 
 
 def test_a_job_killed_without_running_out_of_memory_and_retried_gives_the_runs_of_an_uninterrupted_job(
-        digits_backdoor, tmp_path):
+        digits_backdoor, tmp_path, monkeypatch, one_thread):
     """kill -9 of the job (scancel, time limit, node failure) while FT trains; the retry is the same
     command (the rule no longer scales batch sizes by attempt), and nothing is recorded as out of
-    memory, so the runs equal an uninterrupted job's, at full batch sizes."""
+    memory, so the runs equal an uninterrupted job's, at full batch sizes. Both attempts leave a
+    trace in the job's history (the rule's ``<log>.history``) and the run file says it resumed."""
     import os
     import re
     import signal
@@ -141,8 +142,10 @@ def test_a_job_killed_without_running_out_of_memory_and_retried_gives_the_runs_o
 
     from conftest import REPO
 
-    defenses = plan(none={}, ft={"epochs": 40, "batch_size": 32})
+    defenses = plan(none={}, ft={"epochs": 12, "batch_size": 32})
     assert defend_model(digits_backdoor, defenses, tmp_path / "reference")[0] == 0
+    history = tmp_path / "job.log.history"
+    monkeypatch.setenv("BDSWEEP_HISTORY", str(history))
     env = {**os.environ, "PYTHONPATH": str(REPO / "workflow"), "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([sys.executable, "-m", "bdsweep", *job_argv(digits_backdoor, defenses, tmp_path / "run")],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -159,7 +162,10 @@ def test_a_job_killed_without_running_out_of_memory_and_retried_gives_the_runs_o
         run, reference = (json.loads((tmp_path / side / path).read_text()) for side in ("run", "reference"))
         for key in ("post", "hyperparameters", "batch_percent", "inputs_fingerprint", "details"):
             assert run[key] == reference[key], (path, key)
-    assert json.loads(ft.read_text())["resumed"]["label"] == "FT"  # resumed, and says so
+    assert json.loads(ft.read_text())["resumed"] == {"phase": 0, "label": "FT", "saved_phases": 1}
+    lines = history.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if " started " in line] == ["bdsweep defend-model"] * 2
+    assert any(f"resuming from {ft.with_suffix('.ckpt')}: phase 0 (FT)" in line for line in lines)
     # The rule's command is the same on every attempt: no resource or parameter depends on it.
     rule = (REPO / "workflow" / "rules" / "defend.smk").read_text()
     assert not re.search(r"\battempt\b", rule.split("rule defend_model:")[1])

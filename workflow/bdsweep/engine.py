@@ -8,7 +8,6 @@ mode, with large batches.
 from __future__ import annotations
 
 import functools
-import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ from .resume import (
     object_state,
     set_global_rng_state,
     sigterm_requests,
+    trace,
 )
 
 SCHEDULES = ("cosine", "constant")
@@ -294,8 +294,8 @@ def train(
     loop = TrainingLoop(model, recipe, seed, device, hook)
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         loop.restore(saved)
-        print(f"bdsweep: {description} resumes from {checkpoint.path} at epoch {loop.epoch + 1}, "
-              f"batch {loop.batch + 1}", file=sys.stderr)  # a trace of the preemption in the rule's log
+        trace(f"bdsweep: {description} resumes from {checkpoint.path} at epoch {loop.epoch + 1}, "
+              f"batch {loop.batch + 1}")
     forward = prepare_for_device(model, device, options)
     channels_last = options.channels_last and device.type == "cuda"
     n, size = len(labels), recipe.batch_size

@@ -29,7 +29,7 @@ rule defend_model:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
+        "BDSWEEP_HISTORY={log}.history python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
         " --data {params.directory} {params.backdoor} --defenses {params.defenses:q}"
         " --coordinates {params.coordinates:q} --partitions {params.partitions:q} --runs {params.runs:q}"
         " --workers {threads} --device {params.device}"

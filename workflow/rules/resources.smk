@@ -21,6 +21,6 @@ rule attack_resource:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep resource --data {params.directory} --attack {wildcards.attack}"
+        "BDSWEEP_HISTORY={log}.history python -m bdsweep resource --data {params.directory} --attack {wildcards.attack}"
         " --params {params.attack:q} {params.clean_model} --target {params.target} --seed {params.seed}"
         " --device {params.device} --out {output} > {log} 2>&1"

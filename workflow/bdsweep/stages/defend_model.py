@@ -23,7 +23,7 @@ import torch
 
 from ..atomic import write_json
 from ..layout import parse_mitigation
-from ..resume import Preempted, RetryWithLess
+from ..resume import Preempted, RetryWithLess, trace
 from .defend import (
     ModelFiles,
     RunSpec,
@@ -118,7 +118,7 @@ def run_with_retries(run: RunSpec, digests: dict, files: ModelFiles, device: str
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            print(f"{run.out}: out of device memory; retrying at {percent} % of the batch sizes", flush=True)
+            trace(f"{run.out}: out of device memory; retrying at {percent} % of the batch sizes")
             continue
         if percent == 100:
             oom_marker(run.out).unlink(missing_ok=True)  # the cause is gone (a larger device)
