@@ -39,6 +39,16 @@ def is_training_time(attack: str) -> bool:
     return attack != CLEAN and attacks.is_training_time(ATTACKS.get(attack))
 
 
+# Data-poisoning attacks whose resource is a fixed pattern computed with numpy (a patch, a key
+# image, a sinusoid): their jobs need no GPU and little time. Declared, not guessed: any other
+# attack's resource (a trained encoder, a perturbation fitted to a model) gets a GPU job.
+PATTERN_RESOURCES = frozenset({"badnets", "blended", "sig"})
+
+
+def resource_needs_gpu(attack: str) -> bool:
+    return attack not in PATTERN_RESOURCES
+
+
 def resource_scope(attack: str, architecture: str) -> str:
     """Where a data-poisoning attack's trigger lives: shared by the dataset, or per architecture."""
     return architecture if ATTACKS.get(attack).per_architecture else SHARED_SCOPE

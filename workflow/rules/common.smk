@@ -59,6 +59,7 @@ CONDA_ENV = "../../envs/bdsweep.yaml"
 # Attacks that poison inside the training loop have a train rule of their own (train.smk).
 TRAINING_TIME_ATTACKS = [name for name in CONFIG["attacks"] if grid.is_training_time(name)]
 DATA_POISONING_ATTACKS = [name for name in CONFIG["attacks"] if name not in TRAINING_TIME_ATTACKS] + [layout.CLEAN]
+ATTACKS_WITH_RESOURCES = DATA_POISONING_ATTACKS[:-1]
 
 
 wildcard_constraints:
