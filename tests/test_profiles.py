@@ -79,3 +79,16 @@ def test_the_cluster_page_states_the_committed_requests():
             row = "| `aggregate_runs` | - | local |"
         assert row in page, row
     assert "docs/cluster.md" in (REPO / "README.md").read_text()
+
+
+def test_the_slurm_test_runs_the_committed_values_changed_only_where_its_node_forces_it():
+    from test_slurm import profile_for_test_cluster
+
+    def without_gpus(profile):
+        return {**profile, "set-resources": {rule: {key: value for key, value in asked.items() if key != "gpu"}
+                                             for rule, asked in profile["set-resources"].items()}}
+
+    assert profile_for_test_cluster(64, 10**6) == without_gpus(SLURM)  # a large node: only GPUs dropped
+    small = profile_for_test_cluster(2, 3000)
+    assert small["cores"] == 2 and small["set-threads"]["defend_model"] == 2 and small["resources"]["mem_mb"] == 3000
+    assert small["set-resources"]["figure"] == SLURM["set-resources"]["figure"]  # fits: unchanged
