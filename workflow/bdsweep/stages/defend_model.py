@@ -3,7 +3,8 @@
 The top-level DAG has one job per model (a few hundred for the paper's grid, so it plans in seconds);
 this job is a small make of its own over the model's runs. Each run is still its own result file,
 and a run file is up to date when it records the fingerprint of what the run depends on (defense,
-overrides, coordinates, and the contents of the model, dataset, partition and backdoor test set):
+overrides, coordinates, the contents of the model, dataset, partition and backdoor test set, and
+the scale of its batch sizes after running out of memory, see ``defend.OOM_MARKER_SUFFIX``):
 a rerun after an interruption, a new seed, a new defense or one changed hyperparameter computes
 only the runs whose files are missing or stale. The model, dataset and backdoor test set are read
 once per worker instead of once per run, and ``--workers`` runs share one device.
@@ -178,6 +179,8 @@ def run_all(pending: list[tuple[RunSpec, int]], digests: dict, files: ModelFiles
 
 
 def main(args):
+    from ..engine import select_device
+
     started = time.perf_counter()
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
@@ -185,8 +188,6 @@ def main(args):
     runs = plan_runs(args)
     digests = model_digests(files)
     digests.update({path: file_digest(path) for path in {run.partition for run in runs if run.partition}})
-    from ..engine import select_device
-
     # The device's memory decides whether a marker still applies; asked only where one exists.
     memory = device_memory(select_device(args.device)) if any(oom_marker(run.out).exists() for run in runs) else None
     percents = {run.out: needed_batch_percent(run.out, memory) for run in runs}
