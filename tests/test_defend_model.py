@@ -13,15 +13,17 @@ from bdsweep.resume import RETRY_EXIT_CODE
 FT = {"epochs": 1, "batch_size": 32}
 
 
-def defend_model(root, defenses, out_dir, workers=1, batch_percent=100):
-    """Run the job on ``digits_backdoor``'s model; its exit code and manifest (None on failure)."""
-    argv = ["defend-model", "--model", str(root / "model.pt"), "--model-metrics", str(root / "metrics.json"),
+def job_argv(root, defenses, out_dir, workers=1):
+    return ["defend-model", "--model", str(root / "model.pt"), "--model-metrics", str(root / "metrics.json"),
             "--data", str(root / "data"), "--backdoor", str(root / "poison.npz"),
             "--defenses", json.dumps(defenses), "--coordinates", json.dumps({"dataset": "digits", "ratio": 0.1}),
             "--partitions", str(root / "spc{spc}.npy"), "--runs", str(out_dir / "{defense}" / "{mitigation}.json"),
-            "--workers", str(workers), "--device", "cpu", "--batch-percent", str(batch_percent),
-            "--out", str(out_dir / "manifest.json")]
-    code = main(argv)
+            "--workers", str(workers), "--device", "cpu", "--out", str(out_dir / "manifest.json")]
+
+
+def defend_model(root, defenses, out_dir, workers=1):
+    """Run the job on ``digits_backdoor``'s model; its exit code and manifest (None on failure)."""
+    code = main(job_argv(root, defenses, out_dir, workers))
     manifest = out_dir / "manifest.json"
     return code, json.loads(manifest.read_text()) if code == 0 else None
 
@@ -73,31 +75,100 @@ def test_two_workers_give_the_same_results_as_one(digits_backdoor, tmp_path, one
         assert (one["post"], one["inputs_fingerprint"]) == (two["post"], two["inputs_fingerprint"])
 
 
-def test_out_of_memory_halves_the_batches_inside_the_job_then_leaves_it_to_the_rules_retry(
+def test_out_of_memory_halves_only_that_runs_batches_records_it_and_the_same_command_goes_on(
         digits_backdoor, tmp_path, temporary_defense, one_thread):  # noqa: F811
     import torch
 
-    def fits_at(limit):
-        def run(model, data, params, device):
-            if params.batch_size > limit:
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return model
-        return run
+    from bdsweep.results import read_runs
 
-    temporary_defense("fits-32", fits_at(32), BatchedParams)
-    temporary_defense("fits-16", fits_at(16), BatchedParams)
-    code, manifest = defend_model(digits_backdoor, plan(none={}, **{"fits-32": {}}), tmp_path)
+    device_limit = {"batch_size": 32}  # what fits in the simulated device's memory
+
+    def fits_in_device(model, data, params, device):
+        if params.batch_size > device_limit["batch_size"]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return model
+
+    temporary_defense("hungry", fits_in_device, BatchedParams)
+    defenses = plan(none={}, hungry={})
+    code, manifest = defend_model(digits_backdoor, defenses, tmp_path)
     assert code == 0
-    record = json.loads((tmp_path / "fits-32" / "spc10-seed0.json").read_text())
-    assert record["hyperparameters"]["batch_size"] == 32  # 128 -> 64 -> 32 within the job
+    run = tmp_path / "hungry" / "spc10-seed0.json"
+    record = json.loads(run.read_text())
+    assert record["hyperparameters"]["batch_size"] == 32 and record["batch_percent"] == 25  # 128 -> 64 -> 32
     assert any("scaled to 25 %" in note for note in record["details"]["notes"])
+    assert json.loads(run.with_suffix(".oom").read_text())["batch_percent"] == 25  # recorded beside the run
+    none = json.loads((tmp_path / "none" / "nodata.json").read_text())  # the other run: untouched
+    assert none["batch_percent"] == 100 and not none["details"].get("notes")
+    assert not (tmp_path / "none" / "nodata.oom").exists()
+    table = read_runs([tmp_path / "none" / "nodata.json", run])
+    assert table["batch_percent"].tolist() == [100, 25]  # marked in the table
+    assert {entry["defense"]: entry["batch_percent"] for entry in manifest["runs"]} == {"none": 100, "hungry": 25}
 
-    code, _ = defend_model(digits_backdoor, plan(none={}, **{"fits-16": {}}), tmp_path / "hungry")
-    assert code == RETRY_EXIT_CODE  # the rule's retry starts at 50 %, and halves from there
-    assert (tmp_path / "hungry" / "none" / "nodata.json").exists()  # finished runs are kept
-    assert not (tmp_path / "hungry" / "fits-16").exists() and not (tmp_path / "hungry" / "manifest.json").exists()
-    code, _ = defend_model(digits_backdoor, plan(none={}, **{"fits-16": {}}), tmp_path / "hungry", batch_percent=50)
-    assert code == 0
+    # The reduced run is up to date at its recorded size; with the cause gone (the marker deleted,
+    # or a device with more memory) it is recomputed at full size and the marker goes.
+    assert defend_model(digits_backdoor, defenses, tmp_path)[1]["computed"] == 0
+    device_limit["batch_size"] = 1000
+    run.with_suffix(".oom").unlink()
+    _, manifest = defend_model(digits_backdoor, defenses, tmp_path)
+    assert [entry["defense"] for entry in manifest["runs"] if entry["computed"]] == ["hungry"]
+    assert json.loads(run.read_text())["batch_percent"] == 100 and not run.with_suffix(".oom").exists()
+
+    # Out of memory at every size the job tries: exit 75, the size to go on from is recorded, and
+    # the rule's retry (the same command) starts there.
+    device_limit["batch_size"] = 16
+    code, _ = defend_model(digits_backdoor, defenses, tmp_path / "retry")
+    assert code == RETRY_EXIT_CODE and not (tmp_path / "retry" / "manifest.json").exists()
+    assert (tmp_path / "retry" / "none" / "nodata.json").exists()  # finished runs are kept
+    assert not (tmp_path / "retry" / "hungry" / "spc10-seed0.json").exists()
+    assert json.loads((tmp_path / "retry" / "hungry" / "spc10-seed0.oom").read_text())["batch_percent"] == 12
+    code, manifest = defend_model(digits_backdoor, defenses, tmp_path / "retry")
+    assert code == 0 and [entry["defense"] for entry in manifest["runs"] if entry["computed"]] == ["hungry"]
+    assert json.loads((tmp_path / "retry" / "hungry" / "spc10-seed0.json").read_text())["hyperparameters"][
+        "batch_size"] == 15
+
+
+def test_a_job_killed_without_running_out_of_memory_and_retried_gives_the_runs_of_an_uninterrupted_job(
+        digits_backdoor, tmp_path, monkeypatch, one_thread):
+    """kill -9 of the job (scancel, time limit, node failure) while FT trains; the retry is the same
+    command (the rule no longer scales batch sizes by attempt), and nothing is recorded as out of
+    memory, so the runs equal an uninterrupted job's, at full batch sizes. Both attempts leave a
+    trace in the job's history (the rule's ``<log>.history``) and the run file says it resumed."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    defenses = plan(none={}, ft={"epochs": 12, "batch_size": 32})
+    assert defend_model(digits_backdoor, defenses, tmp_path / "reference")[0] == 0
+    history = tmp_path / "job.log.history"
+    monkeypatch.setenv("BDSWEEP_HISTORY", str(history))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow"), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "bdsweep", *job_argv(digits_backdoor, defenses, tmp_path / "run")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ft = tmp_path / "run" / "ft" / "spc10-seed0.json"
+    deadline = time.monotonic() + 120
+    while not ft.with_suffix(".ckpt").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # FT saves its first checkpoint after 5 epochs
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL and not ft.exists(), "the job finished before it was killed"
+    code, manifest = defend_model(digits_backdoor, defenses, tmp_path / "run")
+    assert code == 0 and not list((tmp_path / "run").rglob("*.oom"))
+    for path in ("none/nodata.json", "ft/spc10-seed0.json"):
+        run, reference = (json.loads((tmp_path / side / path).read_text()) for side in ("run", "reference"))
+        for key in ("post", "hyperparameters", "batch_percent", "inputs_fingerprint", "details"):
+            assert run[key] == reference[key], (path, key)
+    assert json.loads(ft.read_text())["resumed"] == {"phase": 0, "label": "FT", "saved_phases": 1}
+    lines = history.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines if " started " in line] == ["bdsweep defend-model"] * 2
+    assert any(f"resuming from {ft.with_suffix('.ckpt')}: phase 0 (FT)" in line for line in lines)
+    # The rule's command is the same on every attempt: no resource or parameter depends on it.
+    rule = (REPO / "workflow" / "rules" / "defend.smk").read_text()
+    assert not re.search(r"\battempt\b", rule.split("rule defend_model:")[1])
 
 
 def test_workers_must_be_positive(digits_backdoor, tmp_path):

@@ -14,7 +14,7 @@ from bdsweep.results import SCHEMA_VERSION, UnreadableRunFiles, aggregate
 COLUMNS = {"schema_version", "dataset", "architecture", "attack", "ratio", "effective_ratio", "target", "defense",
            "family", "spc", "seed", "pre_acc", "pre_asr", "pre_ra", "post_acc", "post_asr", "post_ra", "arr", "rdr",
            "status", "reason", "wall_time_s", "peak_memory_bytes", "peak_memory_kind", "device", "acc_below_gate",
-           "asr_below_gate", "hyperparameter_hash", "hyperparameters", "details", "versions", "path"}
+           "asr_below_gate", "batch_percent", "hyperparameter_hash", "hyperparameters", "details", "versions", "path"}
 
 
 def record(defense="ft", family="fine-tuning", spc=10, seed=0, post_asr=0.1, status="ok", ratio=0.1):

@@ -24,8 +24,6 @@ PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 TARGETS = ["results/table/runs.parquet", "results/figures/fig6_boxplots.png", "results/tables/medians.csv"]
 # What a run measures about its machine rather than computes.
 MEASURED_COLUMNS = ["wall_time_s", "peak_memory_bytes", "peak_memory_kind"]
-# The test cluster's node: no GPU, a few GB per job at most.
-TEST_NODE_MEM_MB = 2000
 
 
 def cluster_problem() -> str | None:
@@ -100,17 +98,29 @@ def small_config() -> dict:
     return config
 
 
-def profile_for_test_cluster(cluster_node_mem_mb: int) -> dict:
-    """The project's SLURM profile for the test cluster: its GPU requests dropped (the node has
-    none), memory and threads (CPUs per task) capped to what the node has; everything else as
-    committed. A request beyond the node would wait forever (reason PartitionConfig)."""
+def node_size() -> tuple[int, int]:
+    """CPUs and memory (MB) of the test cluster's (smallest) node."""
+    lines = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, timeout=30).stdout
+    sizes = [tuple(int(value.rstrip("+")) for value in line.split()) for line in lines.splitlines() if line.strip()]
+    return min(sizes)
+
+
+def profile_for_test_cluster(node_cpus: int, node_mem_mb: int) -> dict:
+    """The project's SLURM profile as committed, changed only where the one-node test cluster
+    forces it: GPU requests dropped (the node has none); CPUs (``cores``, the bound of every job's
+    threads and of a group's width, and set-threads) and memory (each request and the group pool)
+    capped to the node's. A request beyond the node waits forever (reason PartitionConfig), so an
+    unbounded group width or a rule asking for more than a node fails this test by timing out."""
     profile = yaml.safe_load(PROFILE.read_text())
-    profile["set-threads"] = {rule: min(threads, os.cpu_count()) for rule, threads in profile["set-threads"].items()}
+    if "cores" in profile:
+        profile["cores"] = min(profile["cores"], node_cpus)
+    cap = profile.get("cores", node_cpus)
+    profile["set-threads"] = {rule: min(threads, cap) for rule, threads in profile["set-threads"].items()}
     for resources in [profile["resources"], profile["default-resources"], *profile["set-resources"].values()]:
         for gpu_request in ("gpu", "gres", "gpu_model"):
             resources.pop(gpu_request, None)
         if "mem_mb" in resources:
-            resources["mem_mb"] = min(resources["mem_mb"], cluster_node_mem_mb)
+            resources["mem_mb"] = min(resources["mem_mb"], node_mem_mb)
     return profile
 
 
@@ -148,7 +158,7 @@ def test_the_slurm_profile_runs_the_workflow_on_slurm_with_the_results_of_a_loca
         (workdir / "config.yaml").write_text(config)
     profile = tmp_path / "profile"
     profile.mkdir()
-    (profile / "config.yaml").write_text(yaml.safe_dump(profile_for_test_cluster(TEST_NODE_MEM_MB)))
+    (profile / "config.yaml").write_text(yaml.safe_dump(profile_for_test_cluster(*node_size())))
 
     # No accounting database on the test cluster: no account, and squeue instead of sacct.
     # The local run goes meanwhile: the SLURM run spends most of its time waiting for the queue.
@@ -166,6 +176,8 @@ def test_the_slurm_profile_runs_the_workflow_on_slurm_with_the_results_of_a_loca
 
     submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/slurm_logs/(\w+)", log)
     assert "rule_train_model" in submitted and "group_report_figure_summary_table" in submitted, submitted
+    # BadNets' patch is numpy work: the CPU rule makes it, not the GPU one.
+    assert "rule_attack_pattern" in submitted and "rule_attack_resource" not in submitted
     # The grouped small CPU jobs share cluster jobs: one for the data stage, one for the
     # poisoned sets, one for the figure and the summary table.
     assert submitted.count("group_data_draw_partition_prepare_dataset") == 1  # no pool: mitigation.source train

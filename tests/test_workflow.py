@@ -117,7 +117,9 @@ def test_the_paper_preset_plans_the_implemented_methods(tmp_path):
     # attacks x 3 ratios = 9.
     assert "train_model 192" in output and "train_model_poisoned_in_the_loop 108" in output
     assert "defend_model 300" in output  # one job per model runs all of its runs
-    assert "attack_resource 24" in output  # 4 shared per dataset + LF per (dataset, architecture)
+    # Learned resources on a GPU: SSBA's per dataset + LF's per (dataset, architecture); the numpy
+    # patterns of BadNets, Blended and SIG on a CPU, per dataset.
+    assert "attack_resource 15" in output and "attack_pattern 9" in output
 
 
 def test_an_unknown_method_is_refused_before_any_job(tmp_path):

@@ -1,5 +1,6 @@
 """Write files so that they appear complete or not at all: temporary name in the same
-directory, flush + fsync, then an atomic rename."""
+directory, flush + fsync, then an atomic rename. Read them back with errors that name the file
+and say how to get a good one."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
+# What to do about a damaged file the workflow wrote: every output is remade when it is missing.
+REMAKE = "delete it and run the same snakemake command again, which remakes it (and what depends on it)"
+
+
 def read_json(path: str | os.PathLike) -> dict:
     try:
         with open(path) as handle:
@@ -75,7 +80,31 @@ def read_arrays(path: str | os.PathLike, kind: str = "array") -> np.ndarray | di
     except FileNotFoundError:
         raise FileNotFoundError(f"missing {kind} file: {path}") from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise ValueError(f"corrupt {kind} file {path}: {error}") from None
+        raise ValueError(f"corrupt {kind} file {path}: {error}; {REMAKE}") from None
+
+
+def check_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], kind: str,
+                 ranges: dict[str, tuple[float, float]] | None = None) -> dict[str, np.ndarray]:
+    """``arrays`` of ``path`` as read, after checking what would otherwise be cast silently:
+    floating arrays hold only finite values; arrays named ``*images`` are uint8; ``*labels`` and
+    ``*indices`` are non-negative integers; an array named in ``ranges`` lies within its
+    (low, high). Errors name the file, the array and the fix."""
+    for key, array in arrays.items():
+        problem = None
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            problem = f"{int(np.size(array) - np.isfinite(array).sum())} NaN or infinite value(s)"
+        elif key.endswith("images") and array.dtype != np.uint8:
+            problem = f"dtype {array.dtype}, not uint8 pixel values"
+        elif key.endswith(("labels", "indices")) and not np.issubdtype(array.dtype, np.integer):
+            problem = f"dtype {array.dtype}, not integers"
+        elif key.endswith(("labels", "indices")) and array.size and array.min() < 0:
+            problem = f"negative entries (minimum {array.min()})"
+        elif ranges and key in ranges and array.size and not (
+                ranges[key][0] <= array.min() and array.max() <= ranges[key][1]):
+            problem = f"values in [{array.min()}, {array.max()}], outside [{ranges[key][0]}, {ranges[key][1]}]"
+        if problem:
+            raise ValueError(f"{kind} file {path}: array {key!r} has {problem}; {REMAKE}")
+    return arrays
 
 
 def read_npy(path: str | os.PathLike, kind: str = "array") -> np.ndarray:

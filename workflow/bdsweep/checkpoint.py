@@ -10,7 +10,7 @@ import zipfile
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import REMAKE, atomic_path
 from .models import create_model
 
 
@@ -28,8 +28,9 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict]:
         return blob["state_dict"], blob["meta"]
     except FileNotFoundError:
         raise FileNotFoundError(f"missing model file: {path}") from None
-    except (RuntimeError, EOFError, KeyError, TypeError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
-        raise ValueError(f"corrupt model file {path}: {error}") from None
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        # OSError: a truncated archive can make the reader seek past the end ([Errno 22]).
+        raise ValueError(f"corrupt model file {path} (truncated or damaged: {error}); {REMAKE}") from None
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:

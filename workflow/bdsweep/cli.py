@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from .resume import PREEMPTED_EXIT_CODE, RETRY_EXIT_CODE, Preempted, RetryWithLess
+from .resume import PREEMPTED_EXIT_CODE, RETRY_EXIT_CODE, Preempted, RetryWithLess, trace
 from .stages import STAGES
 
 
@@ -24,12 +24,13 @@ def list_methods(args) -> None:
 
 
 def validate(args) -> None:
-    from .config import read_config, unimplemented, validate_config
+    from .config import check_class_sizes, read_config, unimplemented, validate_config
     from .grid import models, runs
     from .layout import CLEAN
 
     raw = read_config(args.config)
     config = validate_config(raw)
+    check_class_sizes(config)
     grid_models = models(config)
     clean = sum(model.attack == CLEAN for model in grid_models)
     print(f"{args.config}: valid; {len(grid_models) - clean} backdoored + {clean} clean models, "
@@ -74,16 +75,33 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def job_header(command: str) -> str:
+    """The first line a stage writes to its log: when and where it started, and on SLURM which job
+    and how often it was requeued, so a preempted and resumed job leaves a trace."""
+    import datetime
+    import os
+    import socket
+
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    slurm = ""
+    if "SLURM_JOB_ID" in os.environ:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        slurm = f", SLURM job {os.environ['SLURM_JOB_ID']}" + (f", requeued {restarts} time(s)" if restarts else "")
+    return f"bdsweep {command}: started {started} on {socket.gethostname()}{slurm}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv and argv[0] in STAGES else None).parse_args(argv)
+    if args.command in STAGES:
+        trace(job_header(args.command))
     try:
         args.handler(args)
     except Preempted as stop:
-        print(f"bdsweep {args.command}: {stop}", file=sys.stderr)
+        trace(f"bdsweep {args.command}: {stop}")
         return PREEMPTED_EXIT_CODE
     except RetryWithLess as failure:
-        print(f"bdsweep {args.command}: {failure}", file=sys.stderr)
+        trace(f"bdsweep {args.command}: {failure}")
         return RETRY_EXIT_CODE
     except BrokenPipeError:  # output piped into e.g. `head`
         sys.stderr.close()

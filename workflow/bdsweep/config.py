@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from pathlib import Path
 
 import jsonschema
@@ -178,3 +179,31 @@ def read_config(path: str | Path) -> dict:
         raise ConfigError(f"configuration file not found: {path}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"configuration file {path} is not valid YAML: {error}") from None
+
+
+def check_class_sizes(config: dict) -> None:
+    """Refuse ``mitigation.pool_per_class`` above the size of a class of a dataset already
+    prepared under the results directory (its training labels give the class sizes); a dataset not
+    prepared yet is checked by its pool job. ``config`` is validated."""
+    import numpy as np
+
+    from .layout import DATA_DIR, under
+
+    per_class = config["mitigation"]["pool_per_class"]
+    for dataset in config["datasets"]:
+        directory = Path(under(config["results"], DATA_DIR).format(dataset=dataset))
+        if not (directory / "meta.json").exists():  # meta.json is written last: absent, not prepared
+            continue
+        try:
+            num_classes = int(json.loads((directory / "meta.json").read_text())["num_classes"])
+            labels = np.load(directory / "y_train.npy", mmap_mode="r", allow_pickle=False)
+            counts = np.bincount(labels, minlength=num_classes)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged dataset is reported by the jobs that read it
+        small = {label: int(count) for label, count in enumerate(counts) if count < per_class}
+        if small:
+            label, count = min(small.items(), key=lambda item: item[1])
+            raise ConfigError(f"mitigation.pool_per_class = {per_class} exceeds the training images of "
+                              f"{len(small)} class(es) of dataset {dataset!r} (prepared in {directory}); the "
+                              f"smallest, class {label}, has {count}: set mitigation.pool_per_class to at most "
+                              f"{int(counts.min())}")

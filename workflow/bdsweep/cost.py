@@ -271,7 +271,8 @@ def job_counts(config: dict, built: Plan | None = None) -> dict[str, int]:
         "prepare_dataset": len(built.datasets),
         **({"reserve_pool": len(built.pools)} if built.pools else {}),  # mitigation.source reserved_pool only
         "draw_partition": len(built.partitions),
-        "attack_resource": len(built.resources),
+        "attack_resource": sum(grid.resource_needs_gpu(attack) for _, _, attack in built.resources),
+        "attack_pattern": sum(not grid.resource_needs_gpu(attack) for _, _, attack in built.resources),
         "poison_dataset": len(built.poison_files),
         "train_model": len(built.data_poisoning_models),
         "train_model_poisoned_in_the_loop": len(built.training_time_models),
@@ -413,6 +414,7 @@ def estimate(config: dict, throughput: Throughput) -> Estimate:
         Stage("data preparation", "prepare_dataset", counts["prepare_dataset"]),
         *([Stage("mitigation pools", "reserve_pool", counts["reserve_pool"])] if "reserve_pool" in counts else []),
         Stage("mitigation partitions", "draw_partition", counts["draw_partition"]),
+        Stage("attack patterns (numpy)", "attack_pattern", counts["attack_pattern"]),
         Stage("attack resources", "attack_resource", counts["attack_resource"],
               sum(p for _, p in resource if p), "passes", resource_hours),
         Stage("poison files", "poison_dataset", counts["poison_dataset"]),

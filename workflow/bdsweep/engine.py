@@ -28,6 +28,7 @@ from .resume import (
     object_state,
     set_global_rng_state,
     sigterm_requests,
+    trace,
 )
 
 SCHEDULES = ("cosine", "constant")
@@ -293,6 +294,8 @@ def train(
     loop = TrainingLoop(model, recipe, seed, device, hook)
     if checkpoint is not None and (saved := checkpoint.load()) is not None:
         loop.restore(saved)
+        trace(f"bdsweep: {description} resumes from {checkpoint.path} at epoch {loop.epoch + 1}, "
+              f"batch {loop.batch + 1}")
     forward = prepare_for_device(model, device, options)
     channels_last = options.channels_last and device.type == "cuda"
     n, size = len(labels), recipe.batch_size

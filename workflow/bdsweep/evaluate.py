@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import load_arrays
+from .atomic import check_arrays, load_arrays
 from .data.store import PreparedDataset
 from .engine import Normalisation, predict
 from .metrics import attack_metrics
@@ -19,7 +19,9 @@ def normalisation_of(data: PreparedDataset) -> Normalisation:
 
 
 def load_poison(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    return load_arrays(path, "poison")
+    """A poison file (or a training-time attack's backdoor test set), checked: uint8 images,
+    non-negative integer labels and indices, an effective ratio within [0, 1]."""
+    return check_arrays(path, load_arrays(path, "poison"), "poison", {"effective_ratio": (0.0, 1.0)})
 
 
 def evaluate_model(model: nn.Module, data: PreparedDataset, poison: dict[str, np.ndarray] | None, target: int,

@@ -39,6 +39,16 @@ def is_training_time(attack: str) -> bool:
     return attack != CLEAN and attacks.is_training_time(ATTACKS.get(attack))
 
 
+# Data-poisoning attacks whose resource is a fixed pattern computed with numpy (a patch, a key
+# image, a sinusoid): their jobs need no GPU and little time. Declared, not guessed: any other
+# attack's resource (a trained encoder, a perturbation fitted to a model) gets a GPU job.
+PATTERN_RESOURCES = frozenset({"badnets", "blended", "sig"})
+
+
+def resource_needs_gpu(attack: str) -> bool:
+    return attack not in PATTERN_RESOURCES
+
+
 def resource_scope(attack: str, architecture: str) -> str:
     """Where a data-poisoning attack's trigger lives: shared by the dataset, or per architecture."""
     return architecture if ATTACKS.get(attack).per_architecture else SHARED_SCOPE
@@ -73,8 +83,3 @@ def params_json(config: dict, section: str, name: str | None, dataset: str, arch
     entry = config[section] if name is None else config[section][name]
     return json.dumps(method_params(entry, dataset, architecture), sort_keys=True)
 
-
-def batch_percent(attempt: int) -> int:
-    """The defend rule's batch-size percentage on its ``attempt``-th try: 100, 50, 25, ... (at least
-    1), so a run that ran out of GPU memory is retried with half the batch each time."""
-    return max(1, 100 >> (attempt - 1))

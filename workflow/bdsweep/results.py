@@ -10,8 +10,12 @@ Parquet table with one row per run. Table columns:
   after (null when the run failed); arr, rdr: attack-removal metrics (see ``bdsweep.metrics``)
 - status ("ok" or "failed"), reason (why it failed), wall_time_s, peak_memory_bytes,
   peak_memory_kind, device
+- batch_percent: 100, or the percentage of its batch sizes a run was computed at after running
+  out of device memory (``<run>.oom`` beside its file; delete that file to recompute at full size)
 - acc_below_gate, asr_below_gate: the backdoored model failed a sanity gate
 - hyperparameter_hash, hyperparameters (JSON), details (JSON), versions (JSON), path
+- (not in the table) resumed: null, or where the run resumed from an earlier attempt's
+  checkpoint (phase number and label, phases saved)
 - inputs_fingerprint: what the run depended on (defense, overrides, coordinates, input file
   contents); a run file recording the current fingerprint is up to date (``stages/defend_model``)
 """
@@ -32,14 +36,15 @@ JSON_COLUMNS = ("hyperparameters", "details", "versions")
 
 
 class UnreadableRunFiles(ValueError):
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], remedy: str = ""):
         self.problems = problems
-        super().__init__(f"{len(problems)} run file(s) cannot be aggregated:\n  " + "\n  ".join(problems))
+        super().__init__(f"{len(problems)} run file(s) cannot be aggregated:\n  " + "\n  ".join(problems)
+                         + (f"\n{remedy}" if remedy else ""))
 
 
 def table_row(record: dict, path: str) -> dict:
     row = {key: value for key, value in record.items()
-           if key not in ("pre", "post", "removal", "model_sanity", *JSON_COLUMNS)}
+           if key not in ("pre", "post", "removal", "model_sanity", "resumed", *JSON_COLUMNS)}
     for stage in ("pre", "post"):
         for metric in METRICS:
             row[f"{stage}_{metric}"] = (record[stage] or {}).get(metric)
@@ -47,6 +52,7 @@ def table_row(record: dict, path: str) -> dict:
     row.update(record["model_sanity"])
     for column in JSON_COLUMNS:
         row[column] = json.dumps(record.get(column), sort_keys=True)
+    row.setdefault("batch_percent", 100)  # run files written before the column: full batch sizes
     row["path"] = str(path)
     return row
 
@@ -59,17 +65,21 @@ def read_runs(paths: list[str | os.PathLike]) -> pd.DataFrame:
     return _typed(pd.DataFrame(rows))
 
 
-def _read_rows(paths: list[str]) -> tuple[list[dict], list[str]]:
+def _read_rows(paths: list[str], bad: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Rows of ``paths`` and a line per unreadable one (whose path goes to ``bad``)."""
     rows, problems = [], []
+    bad = [] if bad is None else bad
     for path in paths:
         try:
             record = read_json(path)
             if record.get("schema_version") != SCHEMA_VERSION:
                 problems.append(f"{path}: schema version {record.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+                bad.append(path)
                 continue
             rows.append(table_row(record, path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             problems.append(f"{path}: {error}")
+            bad.append(path)
     return rows, problems
 
 
@@ -104,15 +114,35 @@ def _load_cache(cache: Path) -> pd.DataFrame | None:
 
 def manifest_runs(manifests: list[str | os.PathLike]) -> list[str]:
     """The run files the models' manifests list, in order (the aggregate's inputs)."""
-    return [run["path"] for manifest in manifests for run in read_json(manifest)["runs"]]
+    return list(runs_by_manifest(manifests))
+
+
+def runs_by_manifest(manifests: list[str | os.PathLike]) -> dict[str, str]:
+    """Each run file the models' manifests list, in order, with the manifest that lists it."""
+    return {run["path"]: str(manifest) for manifest in manifests for run in read_json(manifest)["runs"]}
+
+
+def remake_command(argv: list[str], manifests: list[str]) -> str:
+    """The command that recomputes the runs of ``manifests``: the Snakemake command line ``argv``
+    (as started) forcing those models' jobs, which recompute every missing, unreadable or stale run
+    file of theirs and nothing else."""
+    import shlex
+
+    command = ["snakemake", *argv[1:]]
+    if "--forcerun" in command:  # an earlier --forcerun with its values: replaced by ours
+        start = command.index("--forcerun")
+        end = next((i for i in range(start + 1, len(command)) if command[i].startswith("-")), len(command))
+        del command[start:end]
+    return shlex.join([*command, "--forcerun", *dict.fromkeys(manifests)])
 
 
 def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str | os.PathLike | None = None,
-              cache: str | os.PathLike | None = None) -> pd.DataFrame:
+              cache: str | os.PathLike | None = None, remedy=None) -> pd.DataFrame:
     """Build the table from exactly ``paths`` (in their order); unreadable files are reported by
     path, never dropped. With ``cache``, rows of run files unchanged since the last aggregation
     (same path, size and modification time) are reused and only new or changed files are read;
-    the cache is updated even when some files are unreadable, so their repair costs one reread."""
+    the cache is updated even when some files are unreadable, so their repair costs one reread.
+    ``remedy(bad_paths)`` says how to recompute unreadable files; the message goes to ``log`` too."""
     paths = [str(p) for p in paths]
     stamps = _file_stamps(paths) if cache is not None else None
     cached = _load_cache(Path(cache)) if cache is not None else None
@@ -122,7 +152,8 @@ def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str |
         fresh_paths = [p for p in paths if p not in known]
     else:
         reusable, fresh_paths = None, paths
-    rows, problems = _read_rows(fresh_paths)
+    bad: list[str] = []
+    rows, problems = _read_rows(fresh_paths, bad)
     fresh = pd.DataFrame(rows)
     if stamps is not None and not fresh.empty:
         fresh = fresh.merge(stamps, on="path", how="left")
@@ -131,7 +162,11 @@ def aggregate(paths: list[str | os.PathLike], out: str | os.PathLike, log: str |
     if cache is not None and not table.empty:
         write_table(table, cache)
     if problems:
-        raise UnreadableRunFiles(problems)
+        failure = UnreadableRunFiles(problems, remedy(bad) if remedy is not None else "")
+        if log is not None:
+            Path(log).parent.mkdir(parents=True, exist_ok=True)
+            Path(log).write_text(f"error: {failure}\n")
+        raise failure
     position = pd.Series(range(len(paths)), index=paths)
     table = table.iloc[position[table["path"]].to_numpy().argsort(kind="stable")].reset_index(drop=True)
     table = table.drop(columns=["file_size", "file_mtime_ns"], errors="ignore")

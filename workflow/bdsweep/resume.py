@@ -46,6 +46,24 @@ class RetryWithLess(Exception):
     """The device ran out of memory: no result was written; a retry with smaller batches may pass."""
 
 
+# Snakemake deletes a job's log before every attempt (a retry, or a SLURM requeue), so the events
+# that explain an attempt (its start, a preemption, a resume, running out of memory) are also
+# appended to the file this variable names: the rules set it to ``<log>.history``.
+HISTORY_VARIABLE = "BDSWEEP_HISTORY"
+
+
+def trace(message: str) -> None:
+    """Print ``message`` to the job's log (stderr) and append it to the job's history, if any."""
+    print(message, file=sys.stderr, flush=True)
+    history = os.environ.get(HISTORY_VARIABLE)
+    if history:
+        try:
+            with open(history, "a") as handle:  # one short write: lines of parallel workers stay whole
+                handle.write(message.rstrip("\n") + "\n")
+        except OSError as error:  # a trace must never fail the job
+            print(f"bdsweep: cannot append to {history}: {error}", file=sys.stderr)
+
+
 def fingerprint(arguments: dict, files: list[str | os.PathLike] = ()) -> str:
     """A hash of a job's arguments and of its input files' sizes and modification times."""
     stats = [(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
@@ -209,6 +227,13 @@ class DefenseSession:
         saved = checkpoint.load()
         self.phases: dict[int, dict] = dict(saved["phases"]) if saved and "phases" in saved else {}
         self.next_phase = 0
+        # What the checkpoint held when the run started: a resumed run records where it resumed.
+        self.resumed_from = None
+        if self.phases:
+            last = max(self.phases)
+            self.resumed_from = {"phase": last, "label": self.phases[last]["label"], "saved_phases": len(self.phases)}
+            trace(f"bdsweep: resuming from {checkpoint.path}: phase {last} ({self.phases[last]['label']}), "
+                  f"{len(self.phases)} phase(s) saved")
 
     def phase(self, label: str) -> PhaseCheckpoint:
         number, self.next_phase = self.next_phase, self.next_phase + 1

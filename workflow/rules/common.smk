@@ -12,7 +12,7 @@ sys.path.insert(0, WORKFLOW_DIR)
 shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 
 from bdsweep import grid, layout  # noqa: E402
-from bdsweep.config import ConfigError, unimplemented, validate_config  # noqa: E402
+from bdsweep.config import ConfigError, check_class_sizes, unimplemented, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
@@ -23,6 +23,7 @@ if "datasets" not in config:
 
 try:
     CONFIG = validate_config(config)
+    check_class_sizes(CONFIG)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 _skipped = unimplemented(config)
@@ -62,6 +63,7 @@ CONDA_ENV = "../../envs/bdsweep.yaml"
 # Attacks that poison inside the training loop have a train rule of their own (train.smk).
 TRAINING_TIME_ATTACKS = [name for name in CONFIG["attacks"] if grid.is_training_time(name)]
 DATA_POISONING_ATTACKS = [name for name in CONFIG["attacks"] if name not in TRAINING_TIME_ATTACKS] + [layout.CLEAN]
+ATTACKS_WITH_RESOURCES = DATA_POISONING_ATTACKS[:-1]
 
 
 wildcard_constraints:

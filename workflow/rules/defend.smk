@@ -22,16 +22,15 @@ rule defend_model:
         os.path.join(LOGS, "runs/{dataset}/{architecture}/{attack}/{ratio}.log"),
     # Runs at once in this job, one torch thread each (profiles raise it: several runs per GPU).
     threads: 1
-    # Out of GPU memory twice within the job (it halves the batches itself), it exits with code 75;
-    # each retry starts from half the batch sizes again.
+    # A run out of GPU memory is retried in the job at half its batch sizes, twice, each time
+    # recorded beside its run file (<run>.oom); then the job exits with code 75 and this retry (the
+    # same command: other runs keep their full batch sizes) goes on from the recorded size.
     retries: 2
-    resources:
-        batch_percent=lambda wildcards, attempt: grid.batch_percent(attempt),
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
+        "BDSWEEP_HISTORY={log}.history python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
         " --data {params.directory} {params.backdoor} --defenses {params.defenses:q}"
         " --coordinates {params.coordinates:q} --partitions {params.partitions:q} --runs {params.runs:q}"
-        " --workers {threads} --device {params.device} --batch-percent {resources.batch_percent}"
+        " --workers {threads} --device {params.device}"
         " --out {output} > {log} 2>&1"

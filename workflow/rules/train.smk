@@ -29,7 +29,7 @@ rule train_model:
     conda:
         CONDA_ENV
     shell:
-        "python -m bdsweep train --data {params.directory} --attack {wildcards.attack} {params.attack_inputs}"
+        "BDSWEEP_HISTORY={log}.history python -m bdsweep train --data {params.directory} --attack {wildcards.attack} {params.attack_inputs}"
         " --architecture {wildcards.architecture} --recipe {params.recipe:q} --engine {params.engine:q}"
         " --sanity {params.sanity:q}"
         " --coordinates {params.coordinates:q} --target {params.target} --seed {params.seed}"

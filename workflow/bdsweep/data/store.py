@@ -50,6 +50,8 @@ def check_raw(raw: RawDataset, origin: str) -> None:
             raise ValueError(f"{origin}: x_{split} must be uint8 NHWC RGB square images, got {x.dtype} {x.shape}")
         if y.ndim != 1 or len(y) != len(x):
             raise ValueError(f"{origin}: y_{split} must be 1-D with {len(x)} labels, got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.integer):  # a cast would turn NaN or 2.5 into some class silently
+            raise ValueError(f"{origin}: y_{split} must hold integer class indices, got dtype {y.dtype}")
         if len(y) and (y.min() < 0 or y.max() >= len(raw.class_names)):
             raise ValueError(f"{origin}: y_{split} has labels outside 0..{len(raw.class_names) - 1}")
     if raw.x_train.shape[1:] != raw.x_test.shape[1:]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 import traceback
 from contextlib import nullcontext
@@ -49,8 +50,8 @@ def add_arguments(parser):
     parser.add_argument("--coordinates", default="{}", type=json.loads, help="grid coordinates to record")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-percent", type=int, default=100, choices=range(1, 101), metavar="1..100",
-                        help="scale the defense's batch sizes to this percentage (the workflow lowers it when a "
-                        "retry follows a GPU out-of-memory error)")
+                        help="scale the defense's batch sizes to this percentage (by hand, after a GPU "
+                        "out-of-memory error; the workflow's defend-model job does this per run itself)")
     parser.add_argument("--out", required=True)
 
 
@@ -83,8 +84,10 @@ def run_defense(defense, model, data: MitigationData, params, device, checkpoint
     reset_peak_memory(device)
     started = time.perf_counter()
     outcome = {"status": "ok", "reason": None, "details": {}, "model": None}
+    resumed_from = None
     try:
-        with defense_checkpoints(checkpoint) if checkpoint is not None else nullcontext():
+        with defense_checkpoints(checkpoint) if checkpoint is not None else nullcontext() as session:
+            resumed_from = session.resumed_from if session is not None else None
             result = defense.run(model, data, params, device)
         if isinstance(result, Defended):
             result, outcome["details"] = result.model, result.details
@@ -97,6 +100,8 @@ def run_defense(defense, model, data: MitigationData, params, device, checkpoint
     except Exception as error:  # a defense's failure is a result, recorded with its reason
         outcome.update(status="failed", reason=f"{type(error).__name__}: {error}",
                        details={"traceback": traceback.format_exc(limit=5)})
+    # Where an earlier attempt (preempted, killed) left a checkpoint: the trace of a resumed run.
+    outcome["resumed"] = resumed_from
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     outcome["wall_time_s"] = time.perf_counter() - started
@@ -138,14 +143,57 @@ def file_digest(path: str | None) -> str | None:
     return digest.hexdigest()
 
 
-def inputs_fingerprint(run: RunSpec, digests: dict) -> str:
-    """What a run's result depends on: the defense, its overrides, its coordinates and the contents
-    of its input files (``digests``: path -> content hash). A run file recording the same
-    fingerprint is up to date."""
+def inputs_fingerprint(run: RunSpec, digests: dict, batch_percent: int = 100) -> str:
+    """What a run's result depends on: the defense, its overrides, its coordinates, the contents
+    of its input files (``digests``: path -> content hash) and, below 100 %, the scale of its batch
+    sizes. A run file recording the same fingerprint is up to date."""
     files = {"model": digests["model"], "data": digests["data"], "backdoor": digests.get("backdoor"),
              "partition": digests.get(run.partition)}
-    return stable_hash({"defense": run.defense, "overrides": run.overrides, "coordinates": run.coordinates,
-                        "files": files})
+    inputs = {"defense": run.defense, "overrides": run.overrides, "coordinates": run.coordinates, "files": files}
+    if batch_percent != 100:  # absent at full size, so run files written before this key stay valid
+        inputs["batch_percent"] = batch_percent
+    return stable_hash(inputs)
+
+
+# An out-of-memory failure of a run is recorded beside its run file (``<run>.oom``, JSON): the
+# batch percentage the run needs and the device it failed on. Only that run starts at reduced
+# batch sizes in later jobs; on a device with more memory, or once the file is deleted, it is
+# recomputed at full size (its fingerprint includes the percentage).
+OOM_MARKER_SUFFIX = ".oom"
+
+
+def oom_marker(run_out: str | os.PathLike) -> Path:
+    return Path(run_out).with_suffix(OOM_MARKER_SUFFIX)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a GPU in bytes; None for the CPU."""
+    return int(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+
+
+def needed_batch_percent(run_out: str | os.PathLike, memory: int | None) -> int:
+    """The batch percentage ``run_out``'s marker asks for (100 without one). A marker written on a
+    device with less memory than ``memory`` no longer applies: the run is tried at full size."""
+    path = oom_marker(run_out)
+    try:
+        marker = json.loads(path.read_text())
+        percent = int(marker["batch_percent"])
+    except FileNotFoundError:
+        return 100
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"bdsweep: ignoring unreadable out-of-memory marker {path} ({error}); trying full batch sizes",
+              file=sys.stderr)
+        return 100
+    recorded = marker.get("device_memory_bytes")
+    if memory is not None and recorded is not None and memory > recorded:
+        return 100
+    return min(100, max(1, percent))
+
+
+def record_out_of_memory(run_out: str | os.PathLike, percent: int, device: torch.device, error: str) -> None:
+    """Write (atomically) that ``run_out`` needs batch sizes scaled to ``percent``."""
+    write_json(oom_marker(run_out), {"batch_percent": percent, "device": device_name(device),
+                                     "device_memory_bytes": device_memory(device), "error": error})
 
 
 def model_digests(files: ModelFiles) -> dict:
@@ -178,8 +226,7 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
                               checkpoint)
     except torch.OutOfMemoryError as error:
         raise RetryWithLess(f"defense {run.defense!r} ran out of device memory at {batch_percent} % of its batch "
-                            f"sizes ({error}); no run file written. The workflow retries with half the batch "
-                            "(--retries, or the profile's retries)") from None
+                            f"sizes ({error}); no run file written for {run.out}") from None
     if batch_percent < 100:
         outcome["details"].setdefault("notes", []).append(
             f"batch sizes scaled to {batch_percent} % after running out of device memory")
@@ -213,6 +260,8 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
         "peak_memory_bytes": outcome["peak_memory_bytes"],
         "peak_memory_kind": outcome["peak_memory_kind"],
         "device": device_name(device),
+        "batch_percent": batch_percent,
+        "resumed": outcome["resumed"],
         "model_sanity": model_record["sanity"],
         "versions": versions(),
         "inputs_fingerprint": fingerprint,
@@ -225,5 +274,6 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
 def main(args):
     files = ModelFiles(args.model, args.model_metrics, args.data, args.backdoor)
     run = RunSpec(args.defense, args.params, args.coordinates, args.partition, args.out)
-    fingerprint = inputs_fingerprint(run, {**model_digests(files), run.partition: file_digest(run.partition)})
+    fingerprint = inputs_fingerprint(run, {**model_digests(files), run.partition: file_digest(run.partition)},
+                                     args.batch_percent)
     defend(run, files, select_device(args.device), fingerprint, args.batch_percent)

@@ -3,7 +3,8 @@
 The top-level DAG has one job per model (a few hundred for the paper's grid, so it plans in seconds);
 this job is a small make of its own over the model's runs. Each run is still its own result file,
 and a run file is up to date when it records the fingerprint of what the run depends on (defense,
-overrides, coordinates, and the contents of the model, dataset, partition and backdoor test set):
+overrides, coordinates, the contents of the model, dataset, partition and backdoor test set, and
+the scale of its batch sizes after running out of memory, see ``defend.OOM_MARKER_SUFFIX``):
 a rerun after an interruption, a new seed, a new defense or one changed hyperparameter computes
 only the runs whose files are missing or stale. The model, dataset and backdoor test set are read
 once per worker instead of once per run, and ``--workers`` runs share one device.
@@ -23,11 +24,23 @@ import torch
 
 from ..atomic import write_json
 from ..layout import parse_mitigation
-from ..resume import Preempted, RetryWithLess
-from .defend import ModelFiles, RunSpec, defend, file_digest, inputs_fingerprint, model_digests
+from ..resume import Preempted, RetryWithLess, trace
+from .defend import (
+    ModelFiles,
+    RunSpec,
+    defend,
+    device_memory,
+    file_digest,
+    inputs_fingerprint,
+    model_digests,
+    needed_batch_percent,
+    oom_marker,
+    record_out_of_memory,
+)
 
-# Halvings of the batch sizes tried inside the job before it gives up with exit 75 (the rule's
-# retries then start lower still).
+# Halvings of one run's batch sizes tried inside the job before it gives up with exit 75; each is
+# recorded beside the run file (``<run>.oom``), so the rule's retry (the same command) goes on
+# from there for that run only.
 IN_JOB_HALVINGS = 2
 
 
@@ -43,7 +56,6 @@ def add_arguments(parser):
     parser.add_argument("--runs", required=True, help="run file path pattern with {defense} and {mitigation}")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (each one torch thread)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-percent", type=int, default=100, choices=range(1, 101), metavar="1..100")
     parser.add_argument("--out", required=True, help="the manifest: every run file of the model and its status")
 
 
@@ -85,42 +97,52 @@ def _start_worker(files: ModelFiles, device: str, threads: int | None = None) ->
     _worker_state.update(files=files, device=device)
 
 
-def run_with_retries(run: RunSpec, fingerprint: str, files: ModelFiles, device: str, batch_percent: int,
+def run_with_retries(run: RunSpec, digests: dict, files: ModelFiles, device: str, batch_percent: int,
                      dataset=None) -> dict:
-    """One run; out of device memory, try again with half the batches (twice) before giving up."""
+    """One run, at ``batch_percent`` of its batch sizes (what its out-of-memory marker asks for).
+    Out of device memory, it records half that beside the run file and tries again (twice) before
+    giving up; a run that passes at full size clears its marker."""
     from ..engine import select_device
 
+    device = select_device(device)
+    percent = batch_percent
     for halving in range(IN_JOB_HALVINGS + 1):
-        percent = max(1, batch_percent >> halving)
+        fingerprint = inputs_fingerprint(run, digests, percent)
         try:
-            record = defend(run, files, select_device(device), fingerprint, percent, dataset)
-            return {"status": record["status"], "batch_percent": percent}
-        except RetryWithLess:
+            record = defend(run, files, device, fingerprint, percent, dataset)
+        except RetryWithLess as error:
+            if percent == 1:
+                raise
+            percent = max(1, percent // 2)
+            record_out_of_memory(run.out, percent, device, str(error))
             if halving == IN_JOB_HALVINGS:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            print(f"{run.out}: out of device memory at {percent} % of the batch sizes; retrying with half",
-                  flush=True)
+            trace(f"{run.out}: out of device memory; retrying at {percent} % of the batch sizes")
+            continue
+        if percent == 100:
+            oom_marker(run.out).unlink(missing_ok=True)  # the cause is gone (a larger device)
+        return {"status": record["status"], "batch_percent": percent, "fingerprint": fingerprint}
     raise AssertionError("unreachable")
 
 
-def _run_in_worker(run: RunSpec, fingerprint: str, batch_percent: int) -> dict:
+def _run_in_worker(run: RunSpec, digests: dict, batch_percent: int) -> dict:
     state = _worker_state
     if "dataset" not in state:
         from ..data.store import PreparedDataset
 
         state["dataset"] = PreparedDataset(state["files"].data)
-    return run_with_retries(run, fingerprint, state["files"], state["device"], batch_percent, state["dataset"])
+    return run_with_retries(run, digests, state["files"], state["device"], batch_percent, state["dataset"])
 
 
-def run_all(pending: list[tuple[RunSpec, str]], files: ModelFiles, args) -> dict[str, dict]:
-    """Run ``pending`` (run, fingerprint) pairs, ``args.workers`` at a time; returns outcomes by run file."""
+def run_all(pending: list[tuple[RunSpec, int]], digests: dict, files: ModelFiles, args) -> dict[str, dict]:
+    """Run ``pending`` (run, batch percent) pairs, ``args.workers`` at a time; returns outcomes by run file."""
     if args.workers <= 1 or len(pending) <= 1:
         _start_worker(files, args.device)
         outcomes = {}
-        for run, fingerprint in pending:
-            outcomes[run.out] = _run_in_worker(run, fingerprint, args.batch_percent)
+        for run, percent in pending:
+            outcomes[run.out] = _run_in_worker(run, digests, percent)
             print(f"{run.out}: {outcomes[run.out]['status']}", flush=True)
         return outcomes
 
@@ -136,8 +158,7 @@ def run_all(pending: list[tuple[RunSpec, str]], files: ModelFiles, args) -> dict
     try:
         with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker,
                                  initargs=(files, args.device, 1)) as pool:  # one thread per run
-            futures = {pool.submit(_run_in_worker, run, fingerprint, args.batch_percent): run
-                       for run, fingerprint in pending}
+            futures = {pool.submit(_run_in_worker, run, digests, percent): run for run, percent in pending}
             done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
             for future in not_done:
                 future.cancel()
@@ -158,6 +179,8 @@ def run_all(pending: list[tuple[RunSpec, str]], files: ModelFiles, args) -> dict
 
 
 def main(args):
+    from ..engine import select_device
+
     started = time.perf_counter()
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
@@ -165,21 +188,30 @@ def main(args):
     runs = plan_runs(args)
     digests = model_digests(files)
     digests.update({path: file_digest(path) for path in {run.partition for run in runs if run.partition}})
-    fingerprints = {run.out: inputs_fingerprint(run, digests) for run in runs}
+    # The device's memory decides whether a marker still applies; asked only where one exists.
+    memory = device_memory(select_device(args.device)) if any(oom_marker(run.out).exists() for run in runs) else None
+    percents = {run.out: needed_batch_percent(run.out, memory) for run in runs}
+    fingerprints = {run.out: inputs_fingerprint(run, digests, percents[run.out]) for run in runs}
     model_inputs = [path for path in (files.model, os.path.join(files.data, "meta.json"), files.backdoor) if path]
     model_newest = max(os.stat(path).st_mtime_ns for path in model_inputs)
 
     def newest_input(run: RunSpec) -> int:  # its own partition only: a new seed's leaves the others alone
         return max(model_newest, os.stat(run.partition).st_mtime_ns) if run.partition else model_newest
 
-    pending = [(run, fingerprints[run.out]) for run in runs
+    pending = [(run, percents[run.out]) for run in runs
                if not up_to_date(run, fingerprints[run.out], newest_input(run))]
-    print(f"{len(runs)} runs: {len(runs) - len(pending)} up to date, {len(pending)} to compute", flush=True)
-    outcomes = run_all(pending, files, args)
+    reduced = sum(percent < 100 for _, percent in pending)
+    print(f"{len(runs)} runs: {len(runs) - len(pending)} up to date, {len(pending)} to compute"
+          + (f" ({reduced} at reduced batch sizes after running out of memory before)" if reduced else ""),
+          flush=True)
+    outcomes = run_all(pending, digests, files, args)
+    for path, outcome in outcomes.items():
+        percents[path], fingerprints[path] = outcome["batch_percent"], outcome["fingerprint"]
     write_json(args.out, {
         "coordinates": args.coordinates,
         "runs": [{"defense": run.defense, "mitigation": os.path.splitext(os.path.basename(run.out))[0],
-                  "path": run.out, "fingerprint": fingerprints[run.out], "computed": run.out in outcomes}
+                  "path": run.out, "fingerprint": fingerprints[run.out], "batch_percent": percents[run.out],
+                  "computed": run.out in outcomes}
                  for run in runs],
         "computed": len(outcomes),
         "reused": len(runs) - len(outcomes),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, read_npy, write_json, write_npz
+from ..atomic import REMAKE, atomic_path, read_npy, write_json, write_npz
 from ..attacks import HookContext, apply_in_batches, is_training_time
 from ..checkpoint import save_model
 from ..data.store import PreparedDataset
@@ -54,8 +54,12 @@ def add_arguments(parser):
     parser.add_argument("--out-backdoor", help="backdoor test set written by a training-time attack")
 
 
-def poisoned_training_set(data: PreparedDataset, poison: dict) -> tuple[np.ndarray, np.ndarray]:
+def poisoned_training_set(data: PreparedDataset, poison: dict, path: str = "poison") -> tuple[np.ndarray, np.ndarray]:
     images, labels = np.array(data.x_train), np.array(data.y_train)
+    for key, bound in (("train_labels", data.info.num_classes), ("train_indices", len(labels))):
+        if poison[key].size and poison[key].max() >= bound:  # load_poison checked dtypes and signs
+            raise ValueError(f"poison file {path}: {key} reach {poison[key].max()}, beyond {bound - 1} of dataset "
+                             f"{data.info.name!r}; {REMAKE}")
     images[poison["train_indices"]] = poison["train_images"]
     labels[poison["train_indices"]] = poison["train_labels"]
     return images, labels
@@ -101,7 +105,7 @@ def main(args):
         images, labels = np.array(data.x_train), np.array(data.y_train)
     elif args.poison:
         poison = load_poison(args.poison)
-        images, labels = poisoned_training_set(data, poison)
+        images, labels = poisoned_training_set(data, poison, args.poison)
     else:
         raise ValueError(f"data-poisoning attack {args.attack!r} needs --poison")
     images, labels = as_tensor(images, device), as_tensor(labels, device)
