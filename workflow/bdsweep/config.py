@@ -1,4 +1,4 @@
-"""Configuration validation: the JSON schema (workflow/schemas/config.schema.yaml), then what a
+"""Configuration validation: the JSON schema (bdsweep/schemas/config.schema.yaml), then what a
 schema cannot know: registered names, implemented methods, hyperparameter names and types,
 dataset paths, and SPC against the reserved pool (mitigation.source: reserved_pool). Every error names
 the offending key."""
@@ -17,7 +17,7 @@ from .engine import Recipe
 from .params import resolve
 from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES, UnknownNameError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"  # package data
 
 
 class ConfigError(ValueError):

@@ -16,11 +16,6 @@ from bdsweep.config import ConfigError, check_class_sizes, unimplemented, valida
 from bdsweep.figures import FIGURES  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
-# Without --configfile: config.yaml of the working directory, else the workflow's own (the demo).
-if "datasets" not in config:
-    configfile: "config.yaml" if os.path.exists("config.yaml") else os.path.join(workflow.basedir, "config.yaml")
-
-
 try:
     CONFIG = validate_config(config)
     check_class_sizes(CONFIG)
