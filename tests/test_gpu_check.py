@@ -131,3 +131,30 @@ def test_capping_scales_every_epoch_like_count_and_keeps_their_order():
     assert (least.epochs, least.adversarial_epochs, least.iterations) == (1, 1, 1)
     assert gpucheck.whole_batches(1000, 128, 256, 50_000) == 896
     assert gpucheck.whole_batches(10**9, 128, 256, 50_000) == 49_920
+
+
+def test_the_jpeg_archive_is_decoded_when_materialize_refuses(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays, packed = {}, {"class_names": np.array(["a", "b"])}
+    for split, count in (("train", 3), ("test", 2)):
+        images = rng.integers(0, 256, (count, 8, 8, 3), dtype=np.uint8)
+        blobs = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="JPEG", quality=75)
+            blobs.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        packed[f"{split}_jpeg"] = np.concatenate(blobs)
+        packed[f"{split}_offsets"] = np.cumsum([0, *map(len, blobs)])
+        packed[f"{split}_y"] = np.arange(count) % 2
+        arrays[split] = np.stack([np.asarray(Image.open(io.BytesIO(b.tobytes())).convert("RGB")) for b in blobs])
+    np.savez(tmp_path / "archive.npz", **packed)
+    gpucheck.decode_cifar10(tmp_path / "archive.npz", tmp_path / "decoded.npz")
+    with np.load(tmp_path / "decoded.npz") as decoded:
+        for split in ("train", "test"):
+            np.testing.assert_array_equal(decoded[f"x_{split}"], arrays[split])
+            assert decoded[f"y_{split}"].dtype == np.int64 and list(decoded[f"y_{split}"]) == list(packed[f"{split}_y"])
