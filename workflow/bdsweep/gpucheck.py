@@ -980,12 +980,13 @@ def markdown(report: dict) -> str:
     if speed and speed.get("configurations"):
         lines += [f"{speed.get('architecture')}, {speed.get('images')} images, batch "
                   f"{speed.get('recipe', {}).get('batch_size')}", "",
-                  "| configuration | status | images/s | s/epoch | x reference | timed images | warm-up s |",
+                  "| configuration | status | images/s | s/epoch | x reference (which) | timed images | warm-up s |",
                   "|---|---|---|---|---|---|---|"]
         for row in speed["configurations"]:
             ratio = row.get("ratio_to_reference")
+            which = "-" if ratio is None else f"{ratio:.2f} ({row['reference']})"
             lines.append(f"| {row['configuration']} | {row.get('status', '-')} | {_num(row.get('images_per_s'), 0)} | "
-                         f"{_num(row.get('seconds_per_epoch'), 2)} | {'-' if ratio is None else f'{ratio:.2f}'} | "
+                         f"{_num(row.get('seconds_per_epoch'), 2)} | {which} | "
                          f"{row.get('timed_images', '-')} | {_num(row.get('warm_up_s'), 1)} |")
         lines += [f"- {row['configuration']}: {row.get('reason') or row.get('error')}"
                   for row in speed["configurations"] if row.get("status") != "ok"]
@@ -1007,7 +1008,9 @@ def markdown(report: dict) -> str:
             if hours:
                 lines.append(f"| {rule} | {_num(hours)} | {_num(measured['stages'].get(rule))} |")
         lines += [f"| **total** | **{_num(shipped['total_gpu_hours'])}** | **{_num(measured['total_gpu_hours'])}** |",
-                  ""]
+                  "", "per defense (shipped / measured): " + ", ".join(
+                      f"{name} {_num(hours)} / {_num(measured['defenses'].get(name))}"
+                      for name, hours in sorted(shipped["defenses"].items(), key=lambda item: -item[1])), ""]
     model = heading("model", "6. Reference model")
     if model and "metrics" in model:
         metrics, spec = model["metrics"], model["spec_no_defense"]
@@ -1017,6 +1020,9 @@ def markdown(report: dict) -> str:
                   f"{_pct(metrics['asr'])} | {_pct(metrics['ra'])} | {_num(model['seconds_per_epoch'], 2)} |",
                   f"| SPEC section 8, no defense | {spec['epochs']} | {_pct(spec['acc'])} | {_pct(spec['asr'])} | "
                   f"{_pct(spec['ra'])} | |", ""]
+        if model["epochs"] < spec["epochs"]:
+            lines += [f"{model['epochs']} of the paper's {spec['epochs']} epochs (cosine schedule over the epochs "
+                      "run): expect a lower ACC than SPEC's row", ""]
     defenses = heading("defenses", "7. Every registered defense (SPC 10, paper preset)")
     if defenses and "runs" in defenses:
         lines += ["| defense | status | defense s | total s | peak GiB | ACC | ASR | RA | capped (paper -> used) |",
@@ -1028,9 +1034,11 @@ def markdown(report: dict) -> str:
                          f"{_pct(row.get('ra'))} | {caps} |")
         lines.append("")
         for name, row in defenses["runs"].items():
-            if row.get("traceback") or (row["status"] not in ("ok", "pending", "running") and row.get("reason")):
-                lines += [f"**{name}**: {row.get('reason')}", "", "```", (row.get("traceback") or "").rstrip(), "```",
-                          ""]
+            if row.get("traceback"):
+                lines += [f"**{name}**: {row.get('reason')}", "", "```", row["traceback"].rstrip(), "```", ""]
+            elif row["status"] not in ("ok", "pending", "running") and row.get("reason"):
+                lines += [f"- {name}: {row['reason']}"]
+        lines.append("")
     packing = heading("packing", "8. Packing: defend-model with 1 and N workers")
     if packing and "throughput_ratio" in packing:
         many = packing[f"workers_{packing['workers']}"]
