@@ -58,7 +58,7 @@ SPEC_NO_DEFENSE = {"attack": "badnets", "ratio": 0.1, "acc": 0.913, "asr": 0.950
 EPOCH_LIKE = ("rounds", "iterations")  # besides every field with "epochs" in its name (as tests/test_cost.py)
 SECTIONS = ("environment", "data", "speed", "throughput", "cost", "model", "defenses", "packing")
 # Shares of the time left when a section starts (sections without a weight take what they need: seconds).
-WEIGHTS = {"speed": 0.2, "throughput": 0.08, "model": 0.3, "defenses": 0.3, "packing": 0.12}
+WEIGHTS = {"speed": 0.25, "throughput": 0.07, "model": 0.28, "defenses": 0.28, "packing": 0.12}
 PACK_RUNS = 8
 
 
@@ -419,14 +419,14 @@ class SpeedConfig:
 
 
 def speed_configs(with_compile: bool) -> list[SpeedConfig]:
-    """In order of importance: what the stages run first (bf16, channels-last, eager), the
-    references, the other eager variants, then the compiled ones (each pays a compilation)."""
-    eager = [SpeedConfig("engine", "bf16", True), SpeedConfig("reference", "fp32"),
-             SpeedConfig("engine", "fp32", True), SpeedConfig("reference", "bf16"),
-             SpeedConfig("engine", "bf16", False), SpeedConfig("engine", "fp32", False)]
-    compiled = [SpeedConfig("engine", precision, channels_last, True)
-                for channels_last in (True, False) for precision in ("bf16", "fp32")]
-    return eager + (compiled if with_compile else [])
+    """In order of importance: what the stages run (bf16, channels-last, eager), the references,
+    fp32, the same compiled, the other layouts; each compiled one pays a compilation first."""
+    configs = [SpeedConfig("engine", "bf16", True), SpeedConfig("reference", "fp32"),
+               SpeedConfig("engine", "fp32", True), SpeedConfig("reference", "bf16"),
+               SpeedConfig("engine", "bf16", True, True), SpeedConfig("engine", "bf16", False),
+               SpeedConfig("engine", "fp32", False), SpeedConfig("engine", "fp32", True, True),
+               SpeedConfig("engine", "bf16", False, True), SpeedConfig("engine", "fp32", False, True)]
+    return [config for config in configs if with_compile or not config.compile]
 
 
 def whole_batches(n: float, batch: int, least: int, most: int) -> int:
@@ -536,7 +536,9 @@ def measure_speed(content: dict, args, setup: Setup, files: Files, preset: dict,
     for index, config in enumerate(configs):
         left = deadline - time.perf_counter()
         remaining = configs[index:]
-        slice_s = max(0.0, left) / len(remaining)
+        # The compilations still to come get their time first, up to half of what is left.
+        compilations = sum(c.compile for c in remaining) * compile_seconds
+        slice_s = max(0.0, left - min(compilations, left / 2)) / len(remaining)
         row = {"configuration": config.name, **dataclasses.asdict(config)}
         content["configurations"].append(row)
         if config.compile and left < compile_seconds + slice_s / 2:
