@@ -66,6 +66,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     plan.add_argument("--throughput", help="throughput YAML (default: the shipped bdsweep/throughput.yaml)")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=cost)
+    importlib.import_module(".gpucheck", __package__).add_parser(commands)  # imports no torch
     for name, summary in STAGES.items():
         sub = commands.add_parser(name, help=summary)
         if name == stage:
