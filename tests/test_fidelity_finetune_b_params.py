@@ -1,0 +1,39 @@
+"""The paper preset's resolved values of FST, FT-SAM, NAD and PBE per (dataset, architecture), checked
+against what the survey's code (FORK = WhoDunnett/BackdoorBenchmark @ 8613640) effectively ran, as
+../shared/reference/FIDELITY.md ("Task 2: defense hyperparameters") states it. FORK lets every non-empty
+argparse default override its YAML, so the effective values are often the argparse defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bdsweep.config import method_params
+from bdsweep.params import resolve
+from bdsweep.registry import DEFENSES
+
+PAPER = Path(__file__).resolve().parents[1] / "workflow" / "presets" / "paper.yaml"
+DATASETS = ("cifar10", "gtsrb", "tiny")
+ARCHITECTURES = ("preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large")
+CELLS = [(dataset, architecture) for dataset in DATASETS for architecture in ARCHITECTURES]
+
+
+def paper_params(defense: str, dataset: str, architecture: str):
+    entry = yaml.safe_load(PAPER.read_text())["defenses"][defense]
+    return resolve(DEFENSES.get(defense).params, method_params(entry, dataset, architecture), defense)
+
+
+def test_the_preset_covers_the_survey_grid():
+    preset = yaml.safe_load(PAPER.read_text())
+    assert tuple(preset["datasets"]) == DATASETS and tuple(preset["architectures"]) == ARCHITECTURES
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_fst(dataset, architecture):
+    # FIDELITY: "argparse defaults (fst.py:77-80) override the yaml. Effective 15 ep, lr 0.01, alpha 0.2 on
+    # every dataset. Re-inits and regularises all Linear layers of VGG (3) and MBv3 (2) (:223-241); batch 256".
+    p = paper_params("fst", dataset, architecture)
+    assert (p.epochs, p.lr, p.alpha, p.batch_size, p.momentum, p.weight_decay) == (15, 0.01, 0.2, 256, 0.9, 0.0)
+    assert (p.schedule, p.layers) == ("cosine", "all")
