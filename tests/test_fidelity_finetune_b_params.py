@@ -37,3 +37,12 @@ def test_fst(dataset, architecture):
     p = paper_params("fst", dataset, architecture)
     assert (p.epochs, p.lr, p.alpha, p.batch_size, p.momentum, p.weight_decay) == (15, 0.01, 0.2, 256, 0.9, 0.0)
     assert (p.schedule, p.layers) == ("cosine", "all")
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_ft_sam(dataset, architecture):
+    # FIDELITY: "argparse rho_max/min=2, label_smoothing=0.1 (ft-sam.py:203-205) override the yaml. Effective
+    # rho 2, ls 0.1 on all datasets. Cosine T_max 100 stepped per batch (:318); batch 256; adaptive".
+    p = paper_params("ft-sam", dataset, architecture)
+    assert (p.rho, p.label_smoothing, p.batch_size, p.epochs, p.lr) == (2.0, 0.1, 256, 100, 0.01)
+    assert (p.schedule, p.momentum, p.weight_decay, p.eta) == ("cosine_per_batch", 0.9, 5e-4, 0.0)

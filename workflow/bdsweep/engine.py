@@ -30,7 +30,7 @@ from .resume import (
     sigterm_requests,
 )
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "cosine_per_batch")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -43,7 +43,8 @@ class Recipe:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
+    schedule: str = "cosine"  # "cosine" (per epoch, to 0), "constant", or "cosine_per_batch" (T_max = epochs
+    # optimiser steps, stepped after every batch, as BackdoorBench's FT-SAM: it rises again past T_max)
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (momentum unused)
@@ -226,7 +227,8 @@ class TrainingLoop:
             torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.optimizer == "adam"
             else torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, recipe.epochs)
-                          if recipe.schedule == "cosine" else None)
+                          if recipe.schedule in ("cosine", "cosine_per_batch") else None)
+        self.per_batch_schedule = recipe.schedule == "cosine_per_batch"
         self.epoch, self.batch, self.order = 0, 0, None
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -328,6 +330,8 @@ def train(
                 if hook is not None:
                     hook.after_backward(x, y)
                 loop.optimiser.step()
+                if loop.per_batch_schedule:
+                    loop.scheduler.step()
                 if hook is not None:
                     hook.step()
                 loop.loss_sum += loss.detach() * len(y)
@@ -339,7 +343,7 @@ def train(
                     raise Preempted(f"stopped by SIGTERM in epoch {epoch + 1}; resume from {checkpoint.path}")
             watch.check()
             lr = loop.optimiser.param_groups[0]["lr"]
-            if loop.scheduler is not None:
+            if loop.scheduler is not None and not loop.per_batch_schedule:
                 loop.scheduler.step()
             if hook is not None:
                 hook.end_epoch()

@@ -9,17 +9,24 @@ perturbation to first order, ``e = rho T_w^2 g / ||T_w g||_2``, added to every t
 exactly and the base optimiser (SGD, momentum, weight decay on w) steps with the gradient from w + e.
 The engine runs the loop; this module's hook does steps 2-4 in ``after_backward``.
 
-Interpretations, from the survey's toolkit (BackdoorBench's ft-sam with its SAM(adaptive=True)):
+As the survey's code ran it (FORK = WhoDunnett/BackdoorBenchmark @ 8613640, ``defense/ft-sam.py``,
+BackdoorBench's ft-sam with SAM(adaptive=True)):
+- rho 2 and label smoothing 0.1 on EVERY dataset: FORK's argparse defaults (``--rho_max/--rho_min 2``,
+  ``--label_smoothing 0.1``, ft-sam.py:203-205) override the YAML, so the GTSRB/Tiny YAML's 8/0 never take
+  effect (in BB either). rho stays constant (rho_max = rho_min). ``--adaptive`` is ``store_false``, i.e.
+  adaptive by default.
+- The learning rate follows a cosine of T_max 100 (= the 100 epochs) stepped after every BATCH
+  (ft-sam.py:318), so with more than one batch per epoch it reaches 0 after 100 steps and rises again
+  (``schedule="cosine_per_batch"``; ``"cosine"`` steps per epoch). Batch 256 (the YAML's), SGD 0.01,
+  momentum 0.9, weight decay 5e-4.
 - Every trainable parameter is rescaled, biases and BN affine weights included, and ``eta`` is 0 as
   in the paper's ``T_w = diag(|w_1|, ..., |w_n|)``; Kwon et al.'s ASAM uses eta 0.01 on weights only
   (set ``eta`` for that scaling; biases are rescaled either way). A 1e-12 in the denominator keeps a
   zero gradient finite.
 - The second pass must not count twice in BatchNorm's running statistics (the toolkit zeroes BN
   momentum for it); here every buffer is restored after it, which is the same and exact.
-- The learning rate follows the engine's per-epoch cosine schedule (the toolkit steps its cosine per
-  batch; with mitigation sets smaller than a batch the two coincide); rho stays constant (the
-  toolkit's rho_max = rho_min). Label smoothing is PyTorch's (eps/K on every class); the toolkit puts
-  eps/(K-1) on the wrong classes only. SPEC's batch 128 (the toolkit's yaml has 256).
+- Label smoothing is PyTorch's (eps/K on every class); the toolkit's ``smooth_crossentropy`` puts
+  eps/(K-1) on the wrong classes only (a difference of eps/K in the target, not reproduced).
 
 Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size``
 every epoch is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer
@@ -34,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BatchHook, Recipe, autocast, train
+from ..engine import SCHEDULES, BatchHook, Recipe, autocast, train
 from ..params import check_ranges
 from . import Defended, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
@@ -48,11 +55,11 @@ class FTSAMParams:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"  # the engine's "cosine" (per epoch) or "constant"
-    rho: float = 2.0  # budget of ||T_w^-1 e||_2 (the toolkit: GTSRB and Tiny 8)
+    batch_size: int = 256  # FORK's ft-sam YAML
+    schedule: str = "cosine_per_batch"  # FORK steps its cosine per batch (ft-sam.py:318); "cosine", "constant"
+    rho: float = 2.0  # budget of ||T_w^-1 e||_2; FORK's argparse default on every dataset (ft-sam.py:203-205)
     eta: float = 0.0  # T_w = |w| + eta, element-wise (Kwon et al.'s ASAM: 0.01)
-    label_smoothing: float = 0.1  # (the toolkit: GTSRB and Tiny 0)
+    label_smoothing: float = 0.1  # FORK's argparse default on every dataset (the GTSRB/Tiny YAML's 0 is dead)
     augment: bool = True  # random crop and flip where the dataset allows
     crop_padding: int = 4
 
@@ -63,7 +70,7 @@ class FTSAMParams:
             "momentum": 0 <= self.momentum < 1,
             "weight_decay": self.weight_decay >= 0,
             "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("cosine", "constant"),
+            "schedule": self.schedule in SCHEDULES,
             "rho": self.rho >= 0,
             "eta": self.eta >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
