@@ -46,3 +46,18 @@ def test_ft_sam(dataset, architecture):
     p = paper_params("ft-sam", dataset, architecture)
     assert (p.rho, p.label_smoothing, p.batch_size, p.epochs, p.lr) == (2.0, 0.1, 256, 100, 0.01)
     assert (p.schedule, p.momentum, p.weight_decay, p.eta) == ("cosine_per_batch", 0.9, 5e-4, 0.0)
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_nad(dataset, architecture):
+    # FIDELITY: "teacher 10 ep (cosine T_max 100 ~ const), student 10 ep const 0.01. PreAct: layer3 (beta1 500),
+    # layer4 (beta2 1000), pooled features (beta3 1000). Other models: only pooled features with beta3
+    # (nad.py:290-460); batch 256 (Tiny 128)".
+    p = paper_params("nad", dataset, architecture)
+    if architecture == "preact_resnet18":
+        assert (p.layers, p.betas) == (("layer3", "layer4", "pooled"), (500.0, 1000.0, 1000.0))
+    else:
+        assert (p.layers, p.betas) == (("pooled",), (1000.0,))
+    assert p.batch_size == (128 if dataset == "tiny" else 256)
+    assert (p.teacher_epochs, p.epochs, p.lr, p.schedule, p.momentum, p.weight_decay) == (
+        10, 10, 0.01, "constant", 0.9, 5e-4)
