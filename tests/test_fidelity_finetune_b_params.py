@@ -61,3 +61,16 @@ def test_nad(dataset, architecture):
     assert p.batch_size == (128 if dataset == "tiny" else 256)
     assert (p.teacher_epochs, p.epochs, p.lr, p.schedule, p.momentum, p.weight_decay) == (
         10, 10, 0.01, "constant", 0.9, 5e-4)
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_pbe(dataset, architecture):
+    # FIDELITY: "20 x (adversarial pass + clean pass) every epoch (pbe.py:317-320); PGD with random start in the
+    # eps ball; eps applied to normalised inputs and clamped to [0,1] in normalised space (:56-75); fresh SGD
+    # each pass; batch 256"; config/defense/pbe/default.yaml: 20 epochs, 7 iterations, eps 0.02, alpha scale 5,
+    # lr 0.01; the SGD has momentum 0.9 and weight decay 5e-4.
+    p = paper_params("pbe", dataset, architecture)
+    assert p.passes() == (True, False) * 20
+    assert (p.epochs, p.pgd_steps, p.eps, p.alpha_scale, p.lr, p.batch_size) == (20, 7, 0.02, 5.0, 0.01, 256)
+    assert (p.random_start, p.space, p.fresh_optimiser, p.attack_mode) == (True, "normalised", True, "train")
+    assert (p.momentum, p.weight_decay, p.schedule) == (0.9, 5e-4, "constant")

@@ -163,7 +163,7 @@ class BatchHook:
     (triggers and adversarial examples are made before augmentation, as the methods' own code
     does), then is augmented and normalised; after the forward pass ``loss`` turns the
     cross-entropy into the objective; after ``backward`` comes ``after_backward`` (e.g. SAM's
-    second pass, which may recompute the gradients), then the optimiser step, then ``step``.
+    second pass, which may recompute the gradients), ``before_step``, the optimiser step, then ``step``.
     ``checkpoint_state``/``restore_checkpoint`` carry the hook through a resumed run; by default
     they cover every module, optimiser, scheduler, random generator and number attribute."""
 
@@ -179,6 +179,9 @@ class BatchHook:
 
     def after_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         pass
+
+    def before_step(self, optimiser: torch.optim.Optimizer) -> None:
+        """Just before the optimiser steps (e.g. to drop its momentum, as a freshly made one has none)."""
 
     def step(self) -> None:
         pass
@@ -329,6 +332,7 @@ def train(
                 objective.backward()
                 if hook is not None:
                     hook.after_backward(x, y)
+                    hook.before_step(loop.optimiser)
                 loop.optimiser.step()
                 if loop.per_batch_schedule:
                     loop.scheduler.step()
