@@ -46,8 +46,12 @@ def test_the_perturbation_spends_exactly_its_adaptive_budget(eta):
 
 
 def gradient_at(model, x, y, smoothing):
+    """The gradient of the cross-entropy to FORK's smoothed target, written out: 1 - smoothing on the label,
+    smoothing / (K - 1) on each other class."""
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y, label_smoothing=smoothing).backward()
+    logits = model(x)
+    target = torch.full_like(logits, smoothing / (logits.shape[1] - 1)).scatter_(1, y[:, None], 1 - smoothing)
+    (-(target * F.log_softmax(logits, 1)).sum(1).mean()).backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -156,3 +160,17 @@ def test_fork_values_and_the_cosine_is_stepped_per_batch():
     assert [row["lr"] for row in per_batch] == pytest.approx(expected, abs=1e-9)
     assert [row["lr"] for row in per_epoch] == pytest.approx(
         [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], abs=1e-9)  # read before the epoch's step
+
+
+def test_fork_smooths_onto_the_wrong_classes_only():
+    from bdsweep.defenses.ftsam import smoothed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    fork = smoothed_cross_entropy(logits, labels, 0.3, "wrong_classes")
+    target = torch.full((5, 4), 0.1).scatter_(1, labels[:, None], 0.7)  # 0.3 / 3 on each wrong class
+    assert torch.isclose(fork, -(target * F.log_softmax(logits, 1)).sum(1).mean())
+    uniform = smoothed_cross_entropy(logits, labels, 0.3, "uniform")
+    assert torch.isclose(uniform, F.cross_entropy(logits, labels, label_smoothing=0.3)) and not torch.isclose(
+        uniform, fork)
+    assert FTSAMParams().smoothing_target == "wrong_classes"

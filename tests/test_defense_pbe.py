@@ -169,17 +169,21 @@ def test_spc_2_and_1_run_as_one_batch_and_one_image_returns_the_model_unchanged(
 
 
 def test_pbe_through_the_defend_stage_lowers_asr_where_clean_fine_tuning_does_not(digits_backdoor):
-    # Every epoch adversarial and eps 0.05 (defaults: 3 of 20, eps 0.02): at this scale (16-px digits, 100
-    # images, one batch per epoch) the default's 3 PGD steps are too few to erase the backdoor.
-    params = {"epochs": 20, "adversarial_epochs": 20, "eps": 0.05}
+    # FORK's schedule (20 x an adversarial and a clean pass, a fresh SGD per adversarial batch and per clean pass)
+    # with eps 0.1 and batches of 25 (4 steps per pass; at the default 256 the 100 images make one batch per pass
+    # and the default eps 0.02 takes ASR only from 0.91 to 0.86 at this scale). The run is seeded by its
+    # coordinates (the defend stage) and runs on one thread (this module's fixture). Measured over the
+    # coordinates' seeds 0-2 (and seed 0 with two threads): post ASR 0.22-0.33 of pre 0.91, the control (no
+    # adversarial pass) 0.75-0.79, ACC 0.94-0.96 of pre 0.967. Each margin below is at least 0.1 from those.
+    params = {"eps": 0.1, "batch_size": 25}
     record = defend(digits_backdoor, "pbe", params, out="pbe.json")
     assert record["status"] == "ok" and record["post"] is not None
     details = record["details"]
-    assert details["notes"] == ["100 mitigation images, fewer than batch_size 128: one batch per epoch"]
-    assert record["hyperparameters"]["eps"] == 0.05 and details["adversarial_batches"] == 20
-    assert details["largest_perturbation"] == pytest.approx(0.05)
+    assert details["notes"] == [] and details["passes"] == ["adversarial", "clean"] * 20
+    assert record["hyperparameters"]["eps"] == 0.1 and details["adversarial_batches"] == 20 * 4
+    assert details["largest_perturbation"] == pytest.approx(0.1)
     assert record["pre"]["asr"] > 0.7
-    assert record["post"]["asr"] < 0.3 * record["pre"]["asr"]
+    assert record["post"]["asr"] < 0.5 * record["pre"]["asr"]
     assert record["post"]["acc"] > record["pre"]["acc"] - 0.05
     # The same run without PGD examples is plain fine-tuning: the adversarial examples do the erasing.
     control = defend(digits_backdoor, "pbe", {**params, "adversarial_epochs": 0}, out="pbe_control.json")

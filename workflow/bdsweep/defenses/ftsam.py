@@ -25,8 +25,10 @@ BackdoorBench's ft-sam with SAM(adaptive=True)):
   zero gradient finite.
 - The second pass must not count twice in BatchNorm's running statistics (the toolkit zeroes BN
   momentum for it); here every buffer is restored after it, which is the same and exact.
-- Label smoothing is PyTorch's (eps/K on every class); the toolkit's ``smooth_crossentropy`` puts
-  eps/(K-1) on the wrong classes only (a difference of eps/K in the target, not reproduced).
+- Label smoothing as the toolkit's ``smooth_crossentropy``: 1 - eps on the true class and eps/(K-1) on
+  each wrong one (``smoothing_target="wrong_classes"``); it is a KL divergence to that target, which differs
+  from the cross-entropy used here by the target's entropy, a constant (same gradients). ``"uniform"`` is
+  PyTorch's (eps/K on every class).
 
 Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size``
 every epoch is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer
@@ -60,6 +62,7 @@ class FTSAMParams:
     rho: float = 2.0  # budget of ||T_w^-1 e||_2; FORK's argparse default on every dataset (ft-sam.py:203-205)
     eta: float = 0.0  # T_w = |w| + eta, element-wise (Kwon et al.'s ASAM: 0.01)
     label_smoothing: float = 0.1  # FORK's argparse default on every dataset (the GTSRB/Tiny YAML's 0 is dead)
+    smoothing_target: str = "wrong_classes"  # FORK's eps/(K-1) on each wrong class, or "uniform" (PyTorch's eps/K)
     augment: bool = True  # random crop and flip where the dataset allows
     crop_padding: int = 4
 
@@ -74,8 +77,22 @@ class FTSAMParams:
             "rho": self.rho >= 0,
             "eta": self.eta >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
+            "smoothing_target": self.smoothing_target in ("wrong_classes", "uniform"),
             "crop_padding": self.crop_padding >= 0,
         })
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, target: str
+                           ) -> torch.Tensor:
+    """Mean cross-entropy to the smoothed target: ``"wrong_classes"`` puts 1 - smoothing on the label and
+    smoothing/(K-1) on every other class (BackdoorBench's ``smooth_crossentropy``), ``"uniform"`` is
+    PyTorch's label smoothing."""
+    if target == "uniform" or smoothing == 0:
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    log_probabilities = F.log_softmax(logits.float(), dim=1)
+    soft = torch.full_like(log_probabilities, smoothing / (logits.shape[1] - 1))
+    soft.scatter_(1, labels[:, None], 1 - smoothing)
+    return -(soft * log_probabilities).sum(1).mean()
 
 
 @torch.no_grad()
@@ -110,12 +127,18 @@ class SharpnessAwareStep(BatchHook):
         self.perturbation_norm_sum = norm if self.perturbation_norm_sum is None else self.perturbation_norm_sum + norm
         return weights, originals
 
+    def loss(self, inputs, labels, logits, cross_entropy):
+        if self.params.smoothing_target == "uniform":
+            return cross_entropy  # the engine's, smoothed by the recipe
+        return smoothed_cross_entropy(logits, labels, self.params.label_smoothing, self.params.smoothing_target)
+
     def after_backward(self, inputs, labels):
         buffers = [b.clone() for b in self.model.buffers()]  # BN statistics: the second pass must not count
         weights, originals = self.perturb()
         self.model.zero_grad(set_to_none=True)
         with autocast(inputs.device):
-            loss = F.cross_entropy(self.model(inputs), labels, label_smoothing=self.params.label_smoothing)
+            loss = smoothed_cross_entropy(self.model(inputs), labels, self.params.label_smoothing,
+                                          self.params.smoothing_target)
         loss.backward()  # these gradients, taken at w + e, are the ones the optimiser steps with
         with torch.no_grad():
             for w, original in zip(weights, originals):
@@ -138,14 +161,15 @@ def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
     hook = SharpnessAwareStep(model, params)
     recipe = Recipe(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, momentum=params.momentum,
                     weight_decay=params.weight_decay, schedule=params.schedule, crop_padding=params.crop_padding,
-                    augment=params.augment, label_smoothing=params.label_smoothing)
+                    augment=params.augment,
+                    label_smoothing=params.label_smoothing if params.smoothing_target == "uniform" else 0.0)
     curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="FT-SAM",
                   hook=hook)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("FT-SAM fine-tuning produced non-finite weights")
     return Defended(model, {
         "sam_steps": hook.steps,
-        "final_training_loss": curve[-1]["loss"],  # at w, on the augmented batches, label-smoothed
+        "final_training_loss": curve[-1]["loss"],  # at w, augmented batches; smoothed only for "uniform"
         "final_training_accuracy": curve[-1]["accuracy"],
         "mean_perturbed_loss": float(hook.perturbed_loss_sum) / hook.images_seen,  # at w + e, whole run
         "mean_perturbation_l2": float(hook.perturbation_norm_sum) / hook.steps,  # ||e||_2, not the T-norm
