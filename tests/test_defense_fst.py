@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from bdsweep.defenses import Defended, MitigationData
-from bdsweep.defenses.fst import FSTParams, project_to_norm, reinitialise_head
+from bdsweep.defenses.fst import FSTParams, project_to_norm, reinitialise_head, tuned_linear_layers
 from bdsweep.defenses.support import subset
 from bdsweep.engine import Normalisation
-from bdsweep.models import create_model
+from bdsweep.models import ModelParts, create_model
 from bdsweep.registry import ARCHITECTURES, DEFENSES
 from bdsweep.results import table_row
 from conftest import defend
@@ -37,7 +37,12 @@ def test_params_are_validated_by_name():
         FSTParams(alpha=-0.1)
     with pytest.raises(ValueError, match="schedule"):
         FSTParams(schedule="step")
-    assert (FSTParams().epochs, FSTParams().lr, FSTParams().alpha) == (10, 0.01, 0.2)
+    with pytest.raises(ValueError, match="layers"):
+        FSTParams(layers="last")
+    # FORK's effective values (fst.py:77-80 argparse defaults override the YAML), batch 256, every Linear.
+    defaults = FSTParams()
+    assert (defaults.epochs, defaults.lr, defaults.alpha, defaults.batch_size, defaults.layers) == (
+        15, 0.01, 0.2, 256, "all")
 
 
 def test_reinitialise_head_draws_a_fresh_head_and_returns_the_old_weight():
@@ -111,7 +116,7 @@ def test_few_images_degrade_as_documented(digits):
     model, data = digits
     for spc in (2, 1):
         result = run_fst(copy.deepcopy(model), per_class(data, spc), FSTParams(epochs=2))
-        assert any(f"{10 * spc} mitigation images, fewer than batch_size 128" in n for n in result.details["notes"])
+        assert any(f"{10 * spc} mitigation images, fewer than batch_size 256" in n for n in result.details["notes"])
         assert result.details["final_head_norm"] == pytest.approx(result.details["original_head_norm"], rel=1e-5)
 
     before = {name: t.clone() for name, t in model.state_dict().items()}
@@ -133,3 +138,80 @@ def test_defend_stage_end_to_end_removes_the_backdoor(digits_backdoor):
     assert record["pre"]["asr"] > 0.7
     assert record["post"]["asr"] < 0.5 * record["pre"]["asr"]
     assert record["post"]["acc"] > 0.6
+
+
+class TwoLinearHeads(torch.nn.Module):
+    """A stand-in for VGG19-BN / MobileNetV3: a classifier of several Linear layers."""
+
+    parts = ModelParts(classifier="classifier.2", last_conv="features.0", stages=("features.2",),
+                       polarizer="features.0")
+
+    def __init__(self, num_classes=2):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def tiny_data(n=8, size=32):
+    generator = torch.Generator().manual_seed(1)
+    return MitigationData(torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator),
+                          torch.arange(n) % 2, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, 2)
+
+
+@pytest.mark.parametrize("layers, expected", [("all", ["classifier.0", "classifier.2"]),
+                                              ("classifier", ["classifier.2"])])
+def test_every_linear_layer_is_reinitialised_regularised_and_norm_tied(layers, expected):
+    torch.manual_seed(0)
+    model = TwoLinearHeads()
+    with torch.no_grad():  # originals far outside a fresh layer's +-1/sqrt(fan_in), so a re-init is visible
+        for module in model.classifier:
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(10)
+                module.bias.mul_(10)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = run_fst(model, tiny_data(), FSTParams(epochs=1, lr=1e-6, layers=layers))
+    assert result.details["reinitialised_layers"] == expected
+    for name in ("classifier.0", "classifier.2"):
+        layer, old = model.get_submodule(name).requires_grad_(False), before[f"{name}.weight"]
+        bound = 1 / layer.in_features ** 0.5
+        assert float(layer.weight.norm()) == pytest.approx(float(old.norm()), rel=1e-5)  # tied or untouched
+        if name in expected:  # one step at lr 1e-6 after the re-init, then rescaled: a fresh direction
+            cosine = float((layer.weight * old).sum() / (layer.weight.norm() * old.norm()))
+            assert abs(cosine) < 0.5 and before[f"{name}.bias"].abs().max() > bound >= layer.bias.abs().max() - 1e-5
+        else:
+            assert torch.allclose(layer.weight, old, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def vgg19_bn():
+    torch.manual_seed(0)
+    return create_model("vgg19_bn", 10, 32)  # slow to build (139 M parameters): once per module
+
+
+def test_fst_reinitialises_all_three_linear_layers_of_vgg19_bn(vgg19_bn):
+    named = tuned_linear_layers(vgg19_bn, "all")
+    assert [name for name, _ in named] == ["classifier.0", "classifier.3", "classifier.6"]  # FORK fst.py:229-233
+    assert [name for name, _ in tuned_linear_layers(vgg19_bn, "classifier")] == ["classifier.6"]
+    generator = torch.Generator().manual_seed(0)
+    for _, layer in named:
+        with torch.no_grad():
+            layer.weight.fill_(1.0)
+        original = reinitialise_head(layer, generator)
+        assert torch.equal(original, torch.ones_like(original))
+        assert layer.weight.abs().max() <= 1 / layer.in_features ** 0.5
+
+
+def test_fst_reinitialises_both_linear_layers_of_mobilenet_v3():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v3_large", 2, 32)
+    before = {name: model.get_submodule(name).weight.detach().clone() for name in ("classifier.0", "classifier.3")}
+    result = run_fst(model, tiny_data(4), FSTParams(epochs=1))
+    assert result.details["reinitialised_layers"] == ["classifier.0", "classifier.3"]  # FORK fst.py:234-238
+    for name, old in before.items():
+        new = model.get_submodule(name).weight.detach()
+        assert float(new.norm()) == pytest.approx(float(old.norm()), rel=1e-5)
+        assert abs(float((new * old).sum() / (new.norm() * old.norm()))) < 0.5  # a fresh direction

@@ -46,8 +46,12 @@ def test_the_perturbation_spends_exactly_its_adaptive_budget(eta):
 
 
 def gradient_at(model, x, y, smoothing):
+    """The gradient of the cross-entropy to FORK's smoothed target, written out: 1 - smoothing on the label,
+    smoothing / (K - 1) on each other class."""
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y, label_smoothing=smoothing).backward()
+    logits = model(x)
+    target = torch.full_like(logits, smoothing / (logits.shape[1] - 1)).scatter_(1, y[:, None], 1 - smoothing)
+    (-(target * F.log_softmax(logits, 1)).sum(1).mean()).backward()
     return [p.grad.clone() for p in model.parameters()]
 
 
@@ -117,7 +121,9 @@ def test_spc2_and_spc1_run_as_one_batch_and_a_single_image_returns_the_model_unc
 def test_ftsam_removes_a_planted_backdoor_through_the_defend_stage_better_than_without_sam(digits_backdoor):
     # At this small learning rate plain fine-tuning (rho 0, the same loop) keeps most of the backdoor:
     # ASR 0.55-0.63 over three seeds, against 0.18-0.33 with the adaptive perturbation.
-    settings = {"epochs": 20, "lr": 0.01, "batch_size": 32}
+    # The margins below were measured with the per-epoch cosine, which the settings keep; the default per-batch
+    # cosine (FORK's) has its own test above (with T_max 20 over 80 steps its lr cycles twice here).
+    settings = {"epochs": 20, "lr": 0.01, "batch_size": 32, "schedule": "cosine"}
     record = defend(digits_backdoor, "ft-sam", settings)
     assert record["status"] == "ok" and record["defense"] == "ft-sam"
     assert record["hyperparameters"]["rho"] == 2.0 and record["hyperparameters"]["label_smoothing"] == 0.1
@@ -130,3 +136,41 @@ def test_ftsam_removes_a_planted_backdoor_through_the_defend_stage_better_than_w
     plain = defend(digits_backdoor, "ft-sam", {**settings, "rho": 0.0}, out="plain.json")
     assert plain["details"]["mean_perturbation_l2"] == 0
     assert record["post"]["asr"] < plain["post"]["asr"] - 0.15
+
+
+def test_fork_values_and_the_cosine_is_stepped_per_batch():
+    # FORK's effective values (ft-sam.py:203-205 argparse defaults override every dataset's YAML), batch 256,
+    # cosine stepped per batch (ft-sam.py:318).
+    defaults = FTSAMParams()
+    assert (defaults.rho, defaults.label_smoothing, defaults.batch_size, defaults.schedule, defaults.epochs) == (
+        2.0, 0.1, 256, "cosine_per_batch", 100)
+    import math
+
+    from bdsweep.engine import Normalisation, Recipe, train
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=2, image_size=16)
+    images = torch.randint(0, 256, (12, 16, 16, 3), dtype=torch.uint8)
+    labels = torch.arange(12) % 2
+    norm = Normalisation((0.5,) * 3, (0.25,) * 3, True)
+    per_batch = train(model, images, labels, Recipe(epochs=4, batch_size=4, schedule="cosine_per_batch"), norm, 0)
+    per_epoch = train(model, images, labels, Recipe(epochs=4, batch_size=4, schedule="cosine"), norm, 0)
+    # 3 batches per epoch, T_max 4 steps: the lr after epoch e has taken 3(e + 1) steps and passes 0 at step 4.
+    expected = [0.01 * (1 + math.cos(math.pi * 3 * (e + 1) / 4)) / 2 for e in range(4)]
+    assert [row["lr"] for row in per_batch] == pytest.approx(expected, abs=1e-9)
+    assert [row["lr"] for row in per_epoch] == pytest.approx(
+        [0.01 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)], abs=1e-9)  # read before the epoch's step
+
+
+def test_fork_smooths_onto_the_wrong_classes_only():
+    from bdsweep.defenses.ftsam import smoothed_cross_entropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    fork = smoothed_cross_entropy(logits, labels, 0.3, "wrong_classes")
+    target = torch.full((5, 4), 0.1).scatter_(1, labels[:, None], 0.7)  # 0.3 / 3 on each wrong class
+    assert torch.isclose(fork, -(target * F.log_softmax(logits, 1)).sum(1).mean())
+    uniform = smoothed_cross_entropy(logits, labels, 0.3, "uniform")
+    assert torch.isclose(uniform, F.cross_entropy(logits, labels, label_smoothing=0.3)) and not torch.isclose(
+        uniform, fork)
+    assert FTSAMParams().smoothing_target == "wrong_classes"

@@ -158,8 +158,9 @@ def _nc(p, m):  # every class's trigger on every image, each epoch; unlearning c
     return p.epochs * m.classes * m.images + p.unlearn_epochs * m.images
 
 
-def _pbe(p, m):
-    return p.adversarial_epochs * m.images * (p.pgd_steps + 1) + (p.epochs - p.adversarial_epochs) * m.images
+def _pbe(p, m):  # an adversarial pass costs the PGD steps and the step; FORK: 20 of them and 20 clean passes
+    adversarial = sum(p.passes())
+    return adversarial * m.images * (p.pgd_steps + 1) + (len(p.passes()) - adversarial) * m.images
 
 
 def _ibau(p, m):  # per round: perturbation search (a step between two predictions), then the

@@ -31,7 +31,7 @@ from .resume import (
     trace,
 )
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "cosine_per_batch")
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -44,7 +44,8 @@ class Recipe:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
+    schedule: str = "cosine"  # "cosine" (per epoch, to 0), "constant", or "cosine_per_batch" (T_max = epochs
+    # optimiser steps, stepped after every batch, as BackdoorBench's FT-SAM: it rises again past T_max)
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (momentum unused)
@@ -163,7 +164,7 @@ class BatchHook:
     (triggers and adversarial examples are made before augmentation, as the methods' own code
     does), then is augmented and normalised; after the forward pass ``loss`` turns the
     cross-entropy into the objective; after ``backward`` comes ``after_backward`` (e.g. SAM's
-    second pass, which may recompute the gradients), then the optimiser step, then ``step``.
+    second pass, which may recompute the gradients), ``before_step``, the optimiser step, then ``step``.
     ``checkpoint_state``/``restore_checkpoint`` carry the hook through a resumed run; by default
     they cover every module, optimiser, scheduler, random generator and number attribute."""
 
@@ -179,6 +180,9 @@ class BatchHook:
 
     def after_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         pass
+
+    def before_step(self, optimiser: torch.optim.Optimizer) -> None:
+        """Just before the optimiser steps (e.g. to drop its momentum, as a freshly made one has none)."""
 
     def step(self) -> None:
         pass
@@ -227,7 +231,8 @@ class TrainingLoop:
             torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.optimizer == "adam"
             else torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, recipe.epochs)
-                          if recipe.schedule == "cosine" else None)
+                          if recipe.schedule in ("cosine", "cosine_per_batch") else None)
+        self.per_batch_schedule = recipe.schedule == "cosine_per_batch"
         self.epoch, self.batch, self.order = 0, 0, None
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -330,7 +335,10 @@ def train(
                 objective.backward()
                 if hook is not None:
                     hook.after_backward(x, y)
+                    hook.before_step(loop.optimiser)
                 loop.optimiser.step()
+                if loop.per_batch_schedule:
+                    loop.scheduler.step()
                 if hook is not None:
                     hook.step()
                 loop.loss_sum += loss.detach() * len(y)
@@ -342,7 +350,7 @@ def train(
                     raise Preempted(f"stopped by SIGTERM in epoch {epoch + 1}; resume from {checkpoint.path}")
             watch.check()
             lr = loop.optimiser.param_groups[0]["lr"]
-            if loop.scheduler is not None:
+            if loop.scheduler is not None and not loop.per_batch_schedule:
                 loop.scheduler.step()
             if hook is not None:
                 hook.end_epoch()

@@ -9,17 +9,26 @@ perturbation to first order, ``e = rho T_w^2 g / ||T_w g||_2``, added to every t
 exactly and the base optimiser (SGD, momentum, weight decay on w) steps with the gradient from w + e.
 The engine runs the loop; this module's hook does steps 2-4 in ``after_backward``.
 
-Interpretations, from the survey's toolkit (BackdoorBench's ft-sam with its SAM(adaptive=True)):
+As the survey's code ran it (FORK = WhoDunnett/BackdoorBenchmark @ 8613640, ``defense/ft-sam.py``,
+BackdoorBench's ft-sam with SAM(adaptive=True)):
+- rho 2 and label smoothing 0.1 on EVERY dataset: FORK's argparse defaults (``--rho_max/--rho_min 2``,
+  ``--label_smoothing 0.1``, ft-sam.py:203-205) override the YAML, so the GTSRB/Tiny YAML's 8/0 never take
+  effect (in BB either). rho stays constant (rho_max = rho_min). ``--adaptive`` is ``store_false``, i.e.
+  adaptive by default.
+- The learning rate follows a cosine of T_max 100 (= the 100 epochs) stepped after every BATCH
+  (ft-sam.py:318), so with more than one batch per epoch it reaches 0 after 100 steps and rises again
+  (``schedule="cosine_per_batch"``; ``"cosine"`` steps per epoch). Batch 256 (the YAML's), SGD 0.01,
+  momentum 0.9, weight decay 5e-4.
 - Every trainable parameter is rescaled, biases and BN affine weights included, and ``eta`` is 0 as
   in the paper's ``T_w = diag(|w_1|, ..., |w_n|)``; Kwon et al.'s ASAM uses eta 0.01 on weights only
   (set ``eta`` for that scaling; biases are rescaled either way). A 1e-12 in the denominator keeps a
   zero gradient finite.
 - The second pass must not count twice in BatchNorm's running statistics (the toolkit zeroes BN
   momentum for it); here every buffer is restored after it, which is the same and exact.
-- The learning rate follows the engine's per-epoch cosine schedule (the toolkit steps its cosine per
-  batch; with mitigation sets smaller than a batch the two coincide); rho stays constant (the
-  toolkit's rho_max = rho_min). Label smoothing is PyTorch's (eps/K on every class); the toolkit puts
-  eps/(K-1) on the wrong classes only. SPEC's batch 128 (the toolkit's yaml has 256).
+- Label smoothing as the toolkit's ``smooth_crossentropy``: 1 - eps on the true class and eps/(K-1) on
+  each wrong one (``smoothing_target="wrong_classes"``); it is a KL divergence to that target, which differs
+  from the cross-entropy used here by the target's entropy, a constant (same gradients). ``"uniform"`` is
+  PyTorch's (eps/K on every class).
 
 Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size``
 every epoch is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer
@@ -34,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BatchHook, Recipe, autocast, train
+from ..engine import SCHEDULES, BatchHook, Recipe, autocast, train
 from ..params import check_ranges
 from . import Defended, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
@@ -48,11 +57,12 @@ class FTSAMParams:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
-    schedule: str = "cosine"  # the engine's "cosine" (per epoch) or "constant"
-    rho: float = 2.0  # budget of ||T_w^-1 e||_2 (the toolkit: GTSRB and Tiny 8)
+    batch_size: int = 256  # FORK's ft-sam YAML
+    schedule: str = "cosine_per_batch"  # FORK steps its cosine per batch (ft-sam.py:318); "cosine", "constant"
+    rho: float = 2.0  # budget of ||T_w^-1 e||_2; FORK's argparse default on every dataset (ft-sam.py:203-205)
     eta: float = 0.0  # T_w = |w| + eta, element-wise (Kwon et al.'s ASAM: 0.01)
-    label_smoothing: float = 0.1  # (the toolkit: GTSRB and Tiny 0)
+    label_smoothing: float = 0.1  # FORK's argparse default on every dataset (the GTSRB/Tiny YAML's 0 is dead)
+    smoothing_target: str = "wrong_classes"  # FORK's eps/(K-1) on each wrong class, or "uniform" (PyTorch's eps/K)
     augment: bool = True  # random crop and flip where the dataset allows
     crop_padding: int = 4
 
@@ -63,12 +73,26 @@ class FTSAMParams:
             "momentum": 0 <= self.momentum < 1,
             "weight_decay": self.weight_decay >= 0,
             "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("cosine", "constant"),
+            "schedule": self.schedule in SCHEDULES,
             "rho": self.rho >= 0,
             "eta": self.eta >= 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
+            "smoothing_target": self.smoothing_target in ("wrong_classes", "uniform"),
             "crop_padding": self.crop_padding >= 0,
         })
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, target: str
+                           ) -> torch.Tensor:
+    """Mean cross-entropy to the smoothed target: ``"wrong_classes"`` puts 1 - smoothing on the label and
+    smoothing/(K-1) on every other class (BackdoorBench's ``smooth_crossentropy``), ``"uniform"`` is
+    PyTorch's label smoothing."""
+    if target == "uniform" or smoothing == 0:
+        return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+    log_probabilities = F.log_softmax(logits.float(), dim=1)
+    soft = torch.full_like(log_probabilities, smoothing / (logits.shape[1] - 1))
+    soft.scatter_(1, labels[:, None], 1 - smoothing)
+    return -(soft * log_probabilities).sum(1).mean()
 
 
 @torch.no_grad()
@@ -103,12 +127,18 @@ class SharpnessAwareStep(BatchHook):
         self.perturbation_norm_sum = norm if self.perturbation_norm_sum is None else self.perturbation_norm_sum + norm
         return weights, originals
 
+    def loss(self, inputs, labels, logits, cross_entropy):
+        if self.params.smoothing_target == "uniform":
+            return cross_entropy  # the engine's, smoothed by the recipe
+        return smoothed_cross_entropy(logits, labels, self.params.label_smoothing, self.params.smoothing_target)
+
     def after_backward(self, inputs, labels):
         buffers = [b.clone() for b in self.model.buffers()]  # BN statistics: the second pass must not count
         weights, originals = self.perturb()
         self.model.zero_grad(set_to_none=True)
         with autocast(inputs.device):
-            loss = F.cross_entropy(self.model(inputs), labels, label_smoothing=self.params.label_smoothing)
+            loss = smoothed_cross_entropy(self.model(inputs), labels, self.params.label_smoothing,
+                                          self.params.smoothing_target)
         loss.backward()  # these gradients, taken at w + e, are the ones the optimiser steps with
         with torch.no_grad():
             for w, original in zip(weights, originals):
@@ -131,14 +161,15 @@ def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
     hook = SharpnessAwareStep(model, params)
     recipe = Recipe(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, momentum=params.momentum,
                     weight_decay=params.weight_decay, schedule=params.schedule, crop_padding=params.crop_padding,
-                    augment=params.augment, label_smoothing=params.label_smoothing)
+                    augment=params.augment,
+                    label_smoothing=params.label_smoothing if params.smoothing_target == "uniform" else 0.0)
     curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="FT-SAM",
                   hook=hook)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("FT-SAM fine-tuning produced non-finite weights")
     return Defended(model, {
         "sam_steps": hook.steps,
-        "final_training_loss": curve[-1]["loss"],  # at w, on the augmented batches, label-smoothed
+        "final_training_loss": curve[-1]["loss"],  # at w, augmented batches; smoothed only for "uniform"
         "final_training_accuracy": curve[-1]["accuracy"],
         "mean_perturbed_loss": float(hook.perturbed_loss_sum) / hook.images_seen,  # at w + e, whole run
         "mean_perturbation_l2": float(hook.perturbation_norm_sum) / hook.steps,  # ||e||_2, not the T-norm

@@ -25,8 +25,7 @@ class ModelParts:
     - ``classifier``: the final ``nn.Linear``; its input is the penultimate feature vector.
     - ``last_conv``: the feature extractor's last convolution.
     - ``stages``: the modules whose outputs end each stage of the feature extractor (one per
-      resolution, shallow to deep); the last one is the last conv block. NAD distils attention
-      maps of the last three.
+      resolution, shallow to deep); the last one is the last conv block.
     - ``polarizer``: the convolution after which NPD inserts its polarizer (the survey's choice
       per architecture, "near the end of the feature extractor").
     """
