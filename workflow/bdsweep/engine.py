@@ -31,7 +31,7 @@ from .resume import (
 )
 
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "amsgrad")  # "amsgrad": Adam with amsgrad, as BackdoorBench builds Adam
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Recipe:
     schedule: str = "cosine"  # "cosine" (per epoch, to 0) or "constant"
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
-    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (momentum unused)
+    optimizer: str = "sgd"  # "sgd" (with momentum), "adam" or "amsgrad" (Adam with amsgrad; momentum unused)
     label_smoothing: float = 0.0
 
     def __post_init__(self):
@@ -223,7 +223,8 @@ class TrainingLoop:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimiser = (
-            torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.optimizer == "adam"
+            torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             amsgrad=recipe.optimizer == "amsgrad") if recipe.optimizer in ("adam", "amsgrad")
             else torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, recipe.epochs)
                           if recipe.schedule == "cosine" else None)
