@@ -217,11 +217,11 @@ def unlearn(cross_entropy, to_input, trainable, optimiser, delta, data, params: 
 class Progress:
     """Everything the rounds change, which is what a checkpoint between rounds holds."""
 
-    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator):
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator,
+                 pass_state: torch.Tensor):
         self.model, self.optimiser, self.generator = model, optimiser, generator
+        self.pass_state = pass_state  # the generator state the unlearning pass is drawn (and replayed) from
         self.round = 0
-        self.pass_state = generator.get_state()  # the unlearning pass, drawn once and replayed every round
-        generator.manual_seed(int(torch.randint(0, 2**62, (), generator=generator, device=generator.device)))
         self.delta_norms, self.fooled_shares, self.outer_losses, self.counts = [], [], [], []
 
 
@@ -257,7 +257,8 @@ def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, de
     def predict(inputs):
         return forward(inputs).argmax(1)
 
-    progress = Progress(model, optimiser, generator)
+    pass_generator = torch.Generator(device=data.images.device).manual_seed(run_seed())
+    progress = Progress(model, optimiser, generator, pass_generator.get_state())
     per_round = -(-n // params.batch_size)
     watch = LossWatch(data.images.device, lambda step: f"i-BAU round {step // per_round + 1}, "
                       f"batch {step % per_round + 1}")
