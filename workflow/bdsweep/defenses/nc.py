@@ -40,7 +40,8 @@ reproduced by default, each with a parameter for the corrected behaviour:
 
 Deviation (kind b, docs/deviations.md): when a class is flagged, FORK trains its model but evaluates and
 saves a never-trained copy of the backdoored model (nc.py:752, :851-869); bdsweep returns the unlearned
-model.
+model. (As committed, FORK's unlearning step also reads ``ran_idx``, which only its ratio branch assigns
+(nc.py:772, :785), so with ``--spc`` a flagged run stops there with UnboundLocalError.)
 
 Few data: reverse engineering runs on any number of images; with fewer than ``batch_size`` each
 epoch is one Adam step on all of them (noted). Unlearning needs 2 images (BN in training mode): with
