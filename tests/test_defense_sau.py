@@ -1,5 +1,5 @@
-"""SAU: its shared PGD examples, the shared-example filter and unlearning loss, the frozen reference, every
-architecture, few data and the defend stage end to end."""
+"""SAU: its shared PGD examples, the shared-example filter and unlearning loss, the frozen reference, Adam
+with amsgrad as FORK builds it, every architecture, few data and the defend stage end to end."""
 
 from __future__ import annotations
 
@@ -131,6 +131,22 @@ def test_the_reference_stays_frozen_while_the_model_unlearns(monkeypatch):
     changed = [k for k, v in result.model.state_dict().items() if not torch.equal(v, original[k])]
     assert any(k.endswith("weight") for k in changed)
     assert {"last_round_shared_rate", "last_round_unlearned_rate", "final_training_loss"} <= set(result.details)
+
+
+def test_the_update_is_forks_adam_with_amsgrad_unless_asked_otherwise(monkeypatch):
+    built = []
+    real = torch.optim.Adam
+
+    def spy(params, **kwargs):
+        built.append(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    data = random_mitigation(n=4, size=16)
+    run_sau(create_model("small_cnn", num_classes=2, image_size=16), data, **TINY)
+    run_sau(create_model("small_cnn", num_classes=2, image_size=16), data, amsgrad=False, **TINY)
+    assert [(kwargs["amsgrad"], kwargs["lr"], kwargs["weight_decay"]) for kwargs in built] == [
+        (True, 1e-4, 0.0), (False, 1e-4, 0.0)]  # FORK config/defense/sau/*.yaml: adam, lr 1e-4, wd 0
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -32,7 +32,7 @@ from .resume import (
 )
 
 SCHEDULES = ("cosine", "constant", "cosine_per_batch")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "amsgrad")  # "amsgrad": Adam with amsgrad, as BackdoorBench builds Adam
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class Recipe:
     # optimiser steps, stepped after every batch, as BackdoorBench's FT-SAM: it rises again past T_max)
     crop_padding: int = 4  # random-crop padding; 0 disables cropping
     augment: bool = True
-    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (momentum unused)
+    optimizer: str = "sgd"  # "sgd" (with momentum), "adam" or "amsgrad" (Adam with amsgrad; momentum unused)
     label_smoothing: float = 0.0
 
     def __post_init__(self):
@@ -228,7 +228,8 @@ class TrainingLoop:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimiser = (
-            torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if recipe.optimizer == "adam"
+            torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                             amsgrad=recipe.optimizer == "amsgrad") if recipe.optimizer in ("adam", "amsgrad")
             else torch.optim.SGD(trainable, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimiser, recipe.epochs)
                           if recipe.schedule in ("cosine", "cosine_per_batch") else None)

@@ -16,17 +16,28 @@ Why an own loop: the engine's loop back-propagates one objective; here the param
 assembled by hand from vector-Jacobian products through the inner map, which no single backward
 pass of a loss gives.
 
-Interpretations and deviations (from the authors' code and the BackdoorBench port the survey used):
+Defaults are what the survey's toolkit effectively ran (FORK = WhoDunnett/BackdoorBenchmark @ 8613640,
+``defense/i-bau.py`` with ``config/defense/i-bau/*.yaml``); each quirk has a parameter for the corrected
+behaviour:
 - The model stays in eval mode throughout (BN uses and keeps its running statistics), as both codes do.
-- ``delta`` lives in [0, 1] pixel space and is added before normalisation (the authors' models took
-  [0, 1] input; the toolkit adds it after normalising), with no clipping to [0, 1], as both codes.
-- L2 bound 10, the authors' value (their projection line is commented out in both codes, where only
-  the regulariser bounds ``delta``); here ``delta`` is projected after every inner step.
-- The fixed-point map uses the current batch (both codes always use the first batch).
-- Share: the reference perturbs ``int(0.01 x batch)`` images, which is one image in the authors' batches
-  of 100 but none in any batch under 100 images (plain fine-tuning). Here ``perturbed_share`` (0.01)
-  is kept and at least one image per batch is perturbed, so a 100-image batch is exactly the authors'.
-- Adam lr 1e-4 and batches of 256 are the toolkit's (the authors: 1e-3, 100); no augmentation, as both.
+- ``delta`` lives in the model's normalised input space and is added to normalised images
+  (i-bau.py:500/516/554; ``perturbation_space="pixel"``: in [0, 1] pixel space, before normalising, as
+  the authors' models took [0, 1] input), never clipped, as both codes.
+- No L2 projection: FORK's line is commented out (:562), only the regulariser bounds ``delta``;
+  ``project_l2=True`` projects onto ``perturbation_norm`` (10, the authors' value) after every inner step.
+- The fixed-point map always uses the first batch of the unlearning pass with its true labels (:497);
+  ``fixed_point_batch="current"`` uses the batch being unlearned.
+- ``int(0.01 x batch)`` images of each batch get ``delta`` (:509-513): none in any batch under 100
+  images, where FORK's i-BAU is plain Adam fine-tuning (CIFAR-10 SPC 2 and 10, GTSRB SPC 2).
+  ``perturb_at_least_one=True`` perturbs at least one image per batch (a 100-image batch is then
+  exactly the authors').
+- Adam lr 1e-4, betas (0.9, 0.999), no weight decay, with amsgrad, as FORK's optimiser factory builds it
+  (``utils/aggregate_block/train_settings_generate.py:49-53``; ``amsgrad=False`` for plain Adam); its
+  cosine scheduler is never stepped. Batches of 256.
+- FORK's loader uses the training transform (random crop, padding 4, flips where the dataset allows):
+  the perturbation search re-draws shuffled augmented batches every round, while the unlearning
+  batches are one augmented pass made once before the rounds and replayed in the same order every
+  round (:522-525, :566). ``augment=False`` uses the plain images (the authors' code).
 
 Few data: nothing is held out and eval-mode BN needs no batch statistics, so SPC 1 (even one image)
 runs as is; with fewer images than ``batch_size`` every round is a single batch, and where the share
@@ -57,8 +68,15 @@ class IBAUParams:
     fixed_point_iterations: int = 5  # K
     lr: float = 1e-4  # outer Adam
     batch_size: int = 256
-    perturbed_share: float = 0.01  # of each batch, at least one image
-    perturbation_norm: float = 10.0  # L2 bound on delta, [0, 1] pixel units
+    perturbed_share: float = 0.01  # of each batch, rounded down (FORK i-bau.py:509-513)
+    perturb_at_least_one: bool = False  # FORK perturbs no image of a batch under 100
+    perturbation_norm: float = 10.0  # L2 bound on delta (only with project_l2)
+    project_l2: bool = False  # FORK: no projection (i-bau.py:562 commented out)
+    perturbation_space: str = "normalised"  # FORK: "normalised" model input (:500/516/554); or "pixel" ([0, 1])
+    fixed_point_batch: str = "first"  # FORK: "first" batch of the pass (:497); or "current"
+    amsgrad: bool = True  # FORK's Adam (train_settings_generate.py:49-53)
+    augment: bool = True  # FORK's training transform: random crop (padding 4) and flip where allowed
+    crop_padding: int = 4
     inner_lr: float = 10.0  # SGD on delta, one step per batch, one pass per round
     inner_regulariser: float = 0.001  # weight of ||delta||^2 in the inner objective
     fixed_point_lr: float = 0.1  # step of the inner map whose fixed point the hypergradient assumes
@@ -74,6 +92,9 @@ class IBAUParams:
             "inner_lr": self.inner_lr > 0,
             "inner_regulariser": self.inner_regulariser >= 0,
             "fixed_point_lr": self.fixed_point_lr > 0,
+            "perturbation_space": self.perturbation_space in ("normalised", "pixel"),
+            "fixed_point_batch": self.fixed_point_batch in ("first", "current"),
+            "crop_padding": self.crop_padding >= 0,
         })
 
 
@@ -101,9 +122,11 @@ def twice_differentiable(model: nn.Module) -> Iterator[None]:
             setattr(model.get_submodule(parent), child, module)
 
 
-def perturbed_count(batch_len: int, share: float) -> int:
-    """How many images of a batch get delta: the share, rounded down, but at least one."""
-    return min(batch_len, max(1, int(batch_len * share)))
+def perturbed_count(batch_len: int, share: float, at_least_one: bool = False) -> int:
+    """How many images of a batch get delta: the share, rounded down (FORK's ``int(number * portion)``,
+    i-bau.py:512), with ``at_least_one`` never below one image."""
+    count = int(batch_len * share)
+    return min(batch_len, max(1, count)) if at_least_one else count
 
 
 def project_l2(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -132,34 +155,54 @@ def implicit_hypergradient(delta: torch.Tensor, params: list[torch.Tensor],
     return [d if i is None else d + i for d, i in zip(direct, indirect)], outer.detach()
 
 
-def universal_perturbation(cross_entropy, predict, data, params: IBAUParams, generator) -> tuple[torch.Tensor, float]:
+def universal_perturbation(cross_entropy, predict, to_input, data, params: IBAUParams, generator
+                           ) -> tuple[torch.Tensor, float]:
     """Inner maximisation, one pass: (delta, share of images whose prediction it changed right after
-    their batch's step). The loss is against the model's own predictions, as the reference does."""
+    their batch's step). The loss is against the model's own predictions, as the reference does;
+    ``to_input`` maps [0, 1] images to the space ``delta`` is added in."""
     delta = torch.zeros(1, data.images.shape[3], *data.images.shape[1:3], device=data.images.device)
     fooled = 0
-    for x, _ in batches(data, params.batch_size, generator, normalise=False):
+    for x, _ in batches(data, params.batch_size, generator, augment=params.augment,
+                        crop_padding=params.crop_padding, normalise=False):
+        x = to_input(x)
         predicted = predict(x)
         delta.requires_grad_(True)
         objective = -cross_entropy(x + delta, predicted) + params.inner_regulariser * delta.pow(2).sum()
         (gradient,) = torch.autograd.grad(objective, delta)
-        delta = project_l2(delta.detach() - params.inner_lr * gradient, params.perturbation_norm)
+        delta = delta.detach() - params.inner_lr * gradient
+        if params.project_l2:
+            delta = project_l2(delta, params.perturbation_norm)
         fooled += int((predict(x + delta) != predicted).sum())
     return delta, fooled / len(data)
 
 
-def unlearn(cross_entropy, trainable, optimiser, delta, data, params: IBAUParams, generator, watch: LossWatch,
-            first_step: int) -> tuple[float, list[int]]:
+def unlearning_pass(data, params: IBAUParams, pass_state: torch.Tensor):
+    """FORK's unlearning batches (i-bau.py:522-525): one shuffled (augmented) pass, drawn once and
+    replayed identically every round from the generator state ``pass_state``."""
+    replay = torch.Generator(device=data.images.device)
+    replay.set_state(pass_state)
+    return batches(data, params.batch_size, replay, augment=params.augment, crop_padding=params.crop_padding,
+                   normalise=False)
+
+
+def unlearn(cross_entropy, to_input, trainable, optimiser, delta, data, params: IBAUParams, generator,
+            pass_state: torch.Tensor, watch: LossWatch, first_step: int) -> tuple[float, list[int]]:
     """Outer minimisation, one pass: one Adam step per batch on the implicit hypergradient;
     (mean outer loss, images perturbed per batch). ``watch`` sees each batch's loss as step
     ``first_step`` + batch number."""
     losses, counts = [], []
-    for step, (x, y) in enumerate(batches(data, params.batch_size, generator, normalise=False), first_step):
-        count = perturbed_count(len(y), params.perturbed_share)
+    first_x, first_y = next(iter(unlearning_pass(data, params, pass_state)))
+    first_x = to_input(first_x)
+    for step, (x, y) in enumerate(unlearning_pass(data, params, pass_state), first_step):
+        x = to_input(x)
+        inner_x, inner_y = (first_x, first_y) if params.fixed_point_batch == "first" else (x, y)
+        count = perturbed_count(len(y), params.perturbed_share, params.perturb_at_least_one)
         chosen = torch.randperm(len(y), generator=generator, device=generator.device)[:count].to(x.device)
         mask = torch.zeros(len(y), 1, 1, 1, device=x.device).index_fill_(0, chosen, 1.0)
         grads, loss = implicit_hypergradient(
             delta, trainable,
-            inner_loss=lambda d, x=x, y=y: -cross_entropy(x + d, y) + params.inner_regulariser * d.pow(2).sum(),
+            inner_loss=lambda d, x=inner_x, y=inner_y: (-cross_entropy(x + d, y)
+                                                        + params.inner_regulariser * d.pow(2).sum()),
             outer_loss=lambda d, x=x, y=y, mask=mask: cross_entropy(x + mask * d, y),
             fixed_point_lr=params.fixed_point_lr, iterations=params.fixed_point_iterations)
         watch.observe(loss, step)
@@ -174,8 +217,10 @@ def unlearn(cross_entropy, trainable, optimiser, delta, data, params: IBAUParams
 class Progress:
     """Everything the rounds change, which is what a checkpoint between rounds holds."""
 
-    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator):
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator,
+                 pass_state: torch.Tensor):
         self.model, self.optimiser, self.generator = model, optimiser, generator
+        self.pass_state = pass_state  # the generator state the unlearning pass is drawn (and replayed) from
         self.round = 0
         self.delta_norms, self.fooled_shares, self.outer_losses, self.counts = [], [], [], []
 
@@ -190,30 +235,38 @@ def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, de
     notes += batching_notes(n, params.batch_size, unit="round", skips_single=False)  # eval-mode BN: no skip
     if int(min(n, params.batch_size) * params.perturbed_share) < 1:
         notes.append(f"perturbed_share {params.perturbed_share} of a {min(n, params.batch_size)}-image batch is "
-                     "under one image (the reference would perturb none): one image per batch is perturbed")
+                     + ("under one image: one image per batch is perturbed" if params.perturb_at_least_one else
+                        "under one image: no image is perturbed, i-BAU is plain Adam fine-tuning (as FORK)"))
     generator = torch.Generator(device=data.images.device).manual_seed(run_seed())
     normalise = data.normalisation.normalise
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.Adam(trainable, lr=params.lr)
+    optimiser = torch.optim.Adam(trainable, lr=params.lr, amsgrad=params.amsgrad)
+    in_pixels = params.perturbation_space == "pixel"  # else delta is added to the normalised input
 
-    def cross_entropy(images01, labels):
+    def to_input(images01):
+        return images01 if in_pixels else normalise(images01)
+
+    def forward(inputs):
         with autocast(device):
-            return F.cross_entropy(model(normalise(images01)).float(), labels)
+            return model(normalise(inputs) if in_pixels else inputs).float()
+
+    def cross_entropy(inputs, labels):
+        return F.cross_entropy(forward(inputs), labels)
 
     @torch.no_grad()
-    def predict(images01):
-        with autocast(device):
-            return model(normalise(images01)).argmax(1)
+    def predict(inputs):
+        return forward(inputs).argmax(1)
 
-    progress = Progress(model, optimiser, generator)
+    pass_generator = torch.Generator(device=data.images.device).manual_seed(run_seed())
+    progress = Progress(model, optimiser, generator, pass_generator.get_state())
     per_round = -(-n // params.batch_size)
     watch = LossWatch(data.images.device, lambda step: f"i-BAU round {step // per_round + 1}, "
                       f"batch {step % per_round + 1}")
     with twice_differentiable(model), loop_checkpoint("i-BAU rounds", progress) as checkpoint:
         while progress.round < params.rounds:
-            delta, fooled = universal_perturbation(cross_entropy, predict, data, params, generator)
-            loss, round_counts = unlearn(cross_entropy, trainable, optimiser, delta, data, params, generator,
-                                         watch, progress.round * per_round)
+            delta, fooled = universal_perturbation(cross_entropy, predict, to_input, data, params, generator)
+            loss, round_counts = unlearn(cross_entropy, to_input, trainable, optimiser, delta, data, params, generator,
+                                         progress.pass_state, watch, progress.round * per_round)
             watch.check()
             progress.delta_norms.append(float(delta.norm()))
             progress.fooled_shares.append(fooled)
@@ -228,5 +281,6 @@ def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, de
         "outer_losses": progress.outer_losses,  # per round, mean over batches of the perturbed-batch CE
         "perturbed_images": sum(progress.counts),
         "min_perturbed_per_batch": min(progress.counts),
+        "perturbation_space": params.perturbation_space,
         "notes": notes,
     })

@@ -8,20 +8,40 @@ classes whose trigger is anomalously small, unlearn the flagged triggers.
    attack success is >= 0.98 is kept; after ``patience`` (5) successful epochs in a row cost_c is
    doubled, after 5 unsuccessful ones divided by 2^1.5; the class stops once its cost has moved both
    ways and its best norm has not improved by 1 % for 25 epochs.
-2. Anomaly index of each class: |norm - median| / (1.4826 MAD); flagged: norm below the median, index > 2.
+2. Anomaly index of each class: |norm - median| / (1.4826 MAD); flagged: norm not above the median,
+   index > 2.
 3. If any class is flagged, the whole model is fine-tuned (SGD 0.01, momentum 0.9, wd 5e-4, cosine,
-   batch 256, 100 epochs, crop + flip) with 20 % of every batch stamped with a flagged class's
-   reversed trigger and its true label kept. If none is flagged, the model is returned unchanged.
+   batch 256, 100 epochs, crop + flip) on the mitigation data with 20 % of it stamped with a flagged
+   class's reversed trigger, true labels kept. If none is flagged, the model is returned unchanged.
 
-Defaults are the survey toolkit's (BackdoorBench's nc config: mask lr, init cost 1e-3, success
-threshold 98 %, patience 5, early-stop patience 25 at 0.99, 80 epochs, unlearning ratio 0.2 and the
-model training recipe for unlearning). Interpretations: the classes are optimised side by side (one
-forward pass stamps a batch with every class's trigger; each class keeps its own cost, Adam moments
-and stopping, exactly as separate runs would); reverse engineering sees unaugmented images, as the
-authors' code does; a class that never reaches the success threshold keeps its last mask (the toolkit
-keeps its first-epoch mask); the median of an even count is the mean of the middle two (the toolkit's
-torch.median takes the lower one); the toolkit stamps a fixed 20 % of D_m once, here a random 20 %
-(at least one image) of every batch is stamped, so each image is also seen clean.
+Defaults are what the survey's toolkit effectively ran (FORK = WhoDunnett/BackdoorBenchmark @ 8613640,
+``defense/nc.py``; its nc config: mask lr, init cost 1e-3, success threshold 98 %, patience 5, early-stop
+patience 25 at 0.99, 80 epochs, unlearning ratio 0.2 and the model training recipe for unlearning).
+The classes are optimised side by side (one forward pass stamps a batch with every class's trigger; each
+class keeps its own cost, Adam moments and stopping, exactly as separate runs would). FORK's quirks are
+reproduced by default, each with a parameter for the corrected behaviour:
+
+- the median and the MAD are ``torch.median``'s: the LOWER middle value of an even count (nc.py:388-389);
+  ``interpolated_median=True`` takes the mean of the middle two. A zero MAD gives an infinite index
+  (flagged if below the median) or NaN (at the median: never flagged), as FORK's division does;
+- the trigger search sees augmented images (FORK's loader uses the training transform, nc.py:628:
+  random crop, padding 4, and flips where the dataset allows); ``search_augment=False`` turns it off;
+- a class that never reaches the success threshold keeps its FIRST epoch's mask (nc.py:375);
+  ``fallback_mask="last_epoch"`` keeps its last one;
+- unlearning trains on a fixed set (nc.py:785-829): the first 80 % of the mitigation data BY POSITION,
+  clean, plus the last 20 % stamped with each flagged class's trigger (once per flagged class, true
+  labels; the last 20 % never appear clean). The mitigation data are ordered class by class, so the
+  stamped images are those of the last classes. ``unlearn_split="per_batch"`` instead stamps a random
+  20 % (at least one image) of every batch, so every image is also seen clean;
+- the trigger FORK stamps is read back from the PNG files it saved with ``save_image(normalize=True)``
+  (nc.py:235-237): the mask and the trigger (pattern x mask) are each min-max normalised and rounded to
+  8 bits, then ``x (1 - mask) + 255 trigger`` is truncated to uint8 with numpy's wrap-around above 255.
+  ``trigger_normalisation="none"`` stamps the reversed mask and pattern themselves, rounded and clipped.
+
+Deviation (kind b, docs/deviations.md): when a class is flagged, FORK trains its model but evaluates and
+saves a never-trained copy of the backdoored model (nc.py:752, :851-869); bdsweep returns the unlearned
+model. (As committed, FORK's unlearning step also reads ``ran_idx``, which only its ratio branch assigns
+(nc.py:772, :785), so with ``--spc`` a flagged run stops there with UnboundLocalError.)
 
 Few data: reverse engineering runs on any number of images; with fewer than ``batch_size`` each
 epoch is one Adam step on all of them (noted). Unlearning needs 2 images (BN in training mode): with
@@ -64,7 +84,12 @@ class NCParams:
     unlearn_batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    augment: bool = True  # unlearning only: random crop (padding 4) and flip where the dataset allows
+    augment: bool = True  # unlearning: random crop (padding 4) and flip where the dataset allows
+    search_augment: bool = True  # trigger search on augmented images too (FORK nc.py:628)
+    interpolated_median: bool = False  # FORK: torch.median, the lower middle of an even count (nc.py:388-389)
+    fallback_mask: str = "first_epoch"  # a class that never succeeds: "first_epoch" (FORK nc.py:375) or "last_epoch"
+    unlearn_split: str = "position"  # "position": FORK's fixed 80/20 set; "per_batch": a share of every batch
+    trigger_normalisation: str = "minmax"  # "minmax": FORK's PNG round trip (nc.py:235-237); "none"
 
     def __post_init__(self):
         check_ranges("NC", self, {
@@ -77,6 +102,9 @@ class NCParams:
             "unlearn_ratio": 0 < self.unlearn_ratio <= 1, "unlearn_epochs": self.unlearn_epochs >= 1,
             "unlearn_lr": self.unlearn_lr > 0, "unlearn_batch_size": self.unlearn_batch_size >= 1,
             "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
+            "fallback_mask": self.fallback_mask in ("first_epoch", "last_epoch"),
+            "unlearn_split": self.unlearn_split in ("position", "per_batch"),
+            "trigger_normalisation": self.trigger_normalisation in ("minmax", "none"),
         })
 
 
@@ -88,19 +116,74 @@ def stamp(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> to
     return (1 - mask) * images + mask * pattern
 
 
-def anomaly_indices(norms: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """(|norm - median| / (1.4826 MAD) per class, median, MAD). A zero MAD (all norms equal but
-    outliers) is clamped, so a deviating class gets a huge but finite index."""
-    median = norms.quantile(0.5)  # interpolates: the mean of the middle two for an even count
+def _median(values: torch.Tensor, interpolated: bool) -> torch.Tensor:
+    return values.quantile(0.5) if interpolated else values.median()  # torch.median: the lower middle
+
+
+def anomaly_indices(norms: torch.Tensor, interpolated_median: bool = False) -> tuple[torch.Tensor, float, float]:
+    """(|norm - median| / (1.4826 MAD) per class, median, MAD), FORK's outlier_detection (nc.py:384-427):
+    the lower median of an even count unless ``interpolated_median``; a zero MAD is not guarded, so a
+    class off the median gets an infinite index and one at the median NaN (never flagged)."""
+    median = _median(norms, interpolated_median)
     deviation = (norms - median).abs()
-    mad = MAD_CONSISTENCY * deviation.quantile(0.5)
-    return deviation / mad.clamp_min(1e-12), float(median), float(mad)
+    mad = MAD_CONSISTENCY * _median(deviation, interpolated_median)
+    return deviation / mad, float(median), float(mad)
 
 
-def flag_classes(norms: torch.Tensor, threshold: float) -> tuple[list[int], torch.Tensor]:
-    """Classes whose trigger is anomalously SMALL (below the median, index > threshold), and every index."""
-    index, median, _ = anomaly_indices(norms)
-    return torch.nonzero((norms < median) & (index > threshold)).flatten().tolist(), index
+def flag_classes(norms: torch.Tensor, threshold: float, interpolated_median: bool = False
+                 ) -> tuple[list[int], torch.Tensor]:
+    """Classes whose trigger is anomalously SMALL (norm not above the median, index > threshold), sorted
+    by norm as FORK lists them (ties in class order), and every class's index."""
+    index, median, _ = anomaly_indices(norms, interpolated_median)
+    candidates = torch.nonzero((norms <= median) & (index > threshold)).flatten().tolist()
+    values = norms.tolist()
+    return sorted(candidates, key=lambda c: values[c]), index
+
+
+def _min_max(values: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``save_image(normalize=True)`` scaling: to [0, 1] over the whole tensor."""
+    low, high = float(values.min()), float(values.max())
+    return (values - low) / max(high - low, 1e-5)
+
+
+def _to_png_levels(values: torch.Tensor) -> torch.Tensor:
+    """The 8-bit levels ``save_image`` writes: floor(255 v + 0.5)."""
+    return (values * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def trigger_terms(mask: torch.Tensor, pattern: torch.Tensor, normalisation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep (1, H, W), add (3, H, W)) with stamped = x keep + add for x in [0, 1], from a reversed mask
+    (1, H, W) and pattern (3, H, W). "none": keep = 1 - m, add = m p. "minmax" is what FORK stamps when it
+    unlearns (nc.py:235-237, read back at :798-814): the mask and the trigger (p m) as its PNG files hold
+    them, each min-max normalised over the whole tensor and rounded to 8 bits: keep = 1 - mask level / 255,
+    add = trigger level / 255, computed in float32 as FORK's numpy does."""
+    if normalisation == "minmax":
+        mask_levels = _to_png_levels(_min_max(mask.float())).float()
+        trigger_levels = _to_png_levels(_min_max((pattern * mask).float())).float()
+        return 1 - mask_levels / 255, trigger_levels / 255
+    return 1 - mask.float(), (mask * pattern).float()
+
+
+def stamp_pixels(images: torch.Tensor, keep: torch.Tensor, add: torch.Tensor, wrap: bool) -> torch.Tensor:
+    """uint8 NHWC ``images`` stamped as ``x keep + 255 add`` in float32. ``wrap``: cast to uint8 as numpy
+    does in FORK (truncation, wrap-around above 255); otherwise rounded and clipped."""
+    stamped = images.float() * keep.permute(1, 2, 0) + add.permute(1, 2, 0) * 255
+    if wrap:
+        return (stamped.floor().long() % 256).to(torch.uint8)
+    return stamped.round().clamp(0, 255).to(torch.uint8)
+
+
+def fork_unlearning_set(data, keep: torch.Tensor, add: torch.Tensor, params: NCParams
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FORK's unlearning set (nc.py:785-829): the first ``int(n (1 - ratio))`` images by position, clean,
+    then the remaining ones stamped with each flagged trigger in turn (``keep``/``add`` stacked per
+    trigger), all with their true labels."""
+    cut = int(len(data) * (1 - params.unlearn_ratio))
+    tail, wrap = data.images[cut:], params.trigger_normalisation == "minmax"
+    stamped = [stamp_pixels(tail, k, a, wrap) for k, a in zip(keep, add)]
+    images = torch.cat([data.images[:cut], *stamped])
+    labels = torch.cat([data.labels[:cut], *[data.labels[cut:]] * len(keep)])
+    return images, labels
 
 
 class TriggerSearch:
@@ -116,6 +199,7 @@ class TriggerSearch:
         self.cost = torch.full((k,), params.init_cost, device=device)
         self.best_mask = to_unit_interval(self.raw_mask).detach()
         self.best_pattern = to_unit_interval(self.raw_pattern).detach()
+        self.first_mask, self.first_pattern = self.best_mask.clone(), self.best_pattern.clone()  # set after epoch 1
         self.best_norm, self.early_best = (torch.full((k,), float("inf"), device=device) for _ in range(2))
         self.up, self.down, self.stale = (torch.zeros(k, dtype=torch.long, device=device) for _ in range(3))
         self.moved_up, self.moved_down = (torch.zeros(k, dtype=torch.bool, device=device) for _ in range(2))
@@ -127,7 +211,8 @@ class TriggerSearch:
         raw_mask, raw_pattern, optimiser = self.raw_mask, self.raw_pattern, self.optimiser
         hits, norm_sum, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
         kept = (raw_mask.detach().clone(), raw_pattern.detach().clone())
-        for x, _ in batches(data, params.batch_size, self.generator, normalise=False):
+        for x, _ in batches(data, params.batch_size, self.generator, augment=params.search_augment,
+                            normalise=False):
             mask, pattern = to_unit_interval(raw_mask), to_unit_interval(raw_pattern)
             stamped = stamp(x[None], mask[:, None], pattern[:, None]).flatten(0, 1)  # (K * B, 3, H, W), class-major
             with autocast(device):
@@ -147,6 +232,9 @@ class TriggerSearch:
             raw_mask.copy_(torch.where(active.view(-1, 1, 1, 1), raw_mask, kept[0]))
             raw_pattern.copy_(torch.where(active.view(-1, 1, 1, 1), raw_pattern, kept[1]))
         self.epochs_run += active.cpu()
+        if self.epoch == 0:  # FORK keeps this trigger for a class that never succeeds (nc.py:375)
+            self.first_mask = to_unit_interval(raw_mask).detach().clone()
+            self.first_pattern = to_unit_interval(raw_pattern).detach().clone()
         success, norm = hits / len(data), norm_sum / steps  # per class, over the epoch
         succeeded = success >= params.success_threshold
         improved = active & succeeded & (norm < self.best_norm)
@@ -181,27 +269,33 @@ def reverse_engineer(model, data, classes: list[int], params: NCParams, generato
         while search.epoch < params.epochs and search.active.any():
             search.run_epoch(model, data, targets, params, watch)
             checkpoint.boundary(finished=search.epoch == params.epochs or not search.active.any())
-    never = ~torch.isfinite(search.best_norm)  # never reached the threshold: keep the last trigger
-    best_mask = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(search.raw_mask).detach(), search.best_mask)
-    best_pattern = torch.where(never.view(-1, 1, 1, 1), to_unit_interval(search.raw_pattern).detach(),
-                               search.best_pattern)
+    never = ~torch.isfinite(search.best_norm)  # never reached the threshold: the first or the last trigger
+    if params.fallback_mask == "first_epoch":
+        fallback_mask, fallback_pattern = search.first_mask, search.first_pattern
+    else:
+        fallback_mask = to_unit_interval(search.raw_mask).detach()
+        fallback_pattern = to_unit_interval(search.raw_pattern).detach()
+    best_mask = torch.where(never.view(-1, 1, 1, 1), fallback_mask, search.best_mask)
+    best_pattern = torch.where(never.view(-1, 1, 1, 1), fallback_pattern, search.best_pattern)
     return {"masks": best_mask, "patterns": best_pattern, "norms": best_mask.flatten(1).sum(1),
             "reached": (~never).cpu(), "epochs": search.epochs_run}
 
 
 class StampReversedTriggers(BatchHook):
-    """Stamps a random share of every batch with one flagged class's reversed trigger, labels unchanged."""
+    """Stamps a random share of every batch with one flagged class's reversed trigger, labels unchanged
+    (``unlearn_split="per_batch"``). ``keep``/``add``: per trigger, see :func:`trigger_terms`; the
+    stamped images are clipped to [0, 1]."""
 
-    def __init__(self, masks: torch.Tensor, patterns: torch.Tensor, ratio: float, generator: torch.Generator):
-        self.masks, self.patterns, self.ratio, self.generator = masks, patterns, ratio, generator
+    def __init__(self, keep: torch.Tensor, add: torch.Tensor, ratio: float, generator: torch.Generator):
+        self.keep, self.add, self.ratio, self.generator = keep, add, ratio, generator
 
     def transform(self, images, labels, indices):
         n, draws = len(images), self.generator.device
         chosen = torch.randperm(n, generator=self.generator, device=draws)[:max(1, round(self.ratio * n))]
-        trigger = torch.randint(len(self.masks), (len(chosen),), generator=self.generator, device=draws)
+        trigger = torch.randint(len(self.keep), (len(chosen),), generator=self.generator, device=draws)
         chosen, trigger = chosen.to(images.device), trigger.to(images.device)
         images = images.clone()
-        images[chosen] = stamp(images[chosen], self.masks[trigger], self.patterns[trigger])
+        images[chosen] = (images[chosen] * self.keep[trigger] + self.add[trigger]).clamp(0, 1)
         return images, labels, None
 
 
@@ -227,11 +321,12 @@ def neural_cleanse(model, data, params: NCParams, device):
     masks, patterns = torch.cat([r["masks"] for r in parts]), torch.cat([r["patterns"] for r in parts])
     norms = torch.cat([r["norms"] for r in parts])
     reached = torch.cat([r["reached"] for r in parts])
-    flagged, index = flag_classes(norms, params.anomaly_threshold)
-    _, median, mad = anomaly_indices(norms)
+    flagged, index = flag_classes(norms, params.anomaly_threshold, params.interpolated_median)
+    _, median, mad = anomaly_indices(norms, params.interpolated_median)
     if not reached.all():
+        which = "first" if params.fallback_mask == "first_epoch" else "last"
         notes.append(f"classes {torch.nonzero(~reached).flatten().tolist()} never reached attack success "
-                     f"{params.success_threshold}: their last mask is used")
+                     f"{params.success_threshold}: their {which} epoch's mask is used")
     details = {"mask_l1_norms": norms.tolist(), "anomaly_indices": index.tolist(), "median_norm": median, "mad": mad,
                "flagged_classes": flagged, "reverse_epochs": torch.cat([r["epochs"] for r in parts]).tolist(),
                "notes": notes}
@@ -242,12 +337,18 @@ def neural_cleanse(model, data, params: NCParams, device):
     if n < 2:
         notes.append(f"classes {flagged} flagged, but {n} mitigation image cannot train BN: model returned unchanged")
         return Defended(model, details)
-    notes += [f"unlearning: {note}" for note in batching_notes(n, params.unlearn_batch_size)]
+    terms = [trigger_terms(masks[c], patterns[c], params.trigger_normalisation) for c in flagged]
+    keep, add = torch.stack([k for k, _ in terms]), torch.stack([a for _, a in terms])
+    images, labels, hook = data.images, data.labels, None
+    if params.unlearn_split == "position":
+        images, labels = fork_unlearning_set(data, keep, add, params)
+    else:
+        hook = StampReversedTriggers(keep, add, params.unlearn_ratio, generator)
+    notes += [f"unlearning: {note}" for note in batching_notes(len(images), params.unlearn_batch_size)]
     recipe = Recipe(epochs=params.unlearn_epochs, batch_size=params.unlearn_batch_size, lr=params.unlearn_lr,
                     momentum=params.momentum, weight_decay=params.weight_decay, schedule="cosine",
                     augment=params.augment)
-    hook = StampReversedTriggers(masks[flagged], patterns[flagged], params.unlearn_ratio, generator)
-    curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="NC unlearn",
+    curve = train(model, images, labels, recipe, data.normalisation, run_seed(), description="NC unlearn",
                   hook=hook)
     details.update(unlearn_final_loss=curve[-1]["loss"], unlearn_final_accuracy=curve[-1]["accuracy"])
     return Defended(model, details)

@@ -19,11 +19,13 @@ those the REFERENCE misclassifies (its label of x_adv differs from y and from it
 paper's relaxation leaves the "both models agree" part to the soft -log(1 - p) term. ``shared_only=True``
 instead keeps only the examples both models misclassify to the same label (the survey's wording). p is
 clamped to >= 0.001 (no gradient below 0.1 %) and 1 - p to >= 1e-6, as the toolkit does. Batch 256, Adam
-without weight decay, constant lr (the toolkit builds a cosine scheduler but never steps it), no
-augmentation (its loader uses test transforms); the update runs in eval mode (its ``train_mode`` False,
-BN statistics fixed). Deviations: adversarial images are clamped to [0, 1] (the toolkit lets pixels
-leave the range); the PGD stops BEFORE a step once all are shared (the toolkit takes one more step); Adam
-without amsgrad (the engine's; BackdoorBench's generic optimiser factory sets amsgrad).
+lr 1e-4, betas (0.9, 0.999), no weight decay, WITH amsgrad: FORK's sau.py builds its optimiser with the
+generic factory (``argparser_opt_scheduler``; ``config/defense/sau/*.yaml``: ``client_optimizer: adam``),
+which sets amsgrad for Adam (``utils/aggregate_block/train_settings_generate.py:49-53``); ``amsgrad=False``
+for plain Adam. Constant lr (the toolkit builds a cosine scheduler but never steps it), no augmentation (its
+loader uses test transforms); the update runs in eval mode (its ``train_mode`` False, BN statistics fixed).
+Deviations (docs/deviations.md): adversarial images are clamped to [0, 1] (the toolkit lets pixels leave
+the range); the PGD stops BEFORE a step once all are shared (the toolkit takes one more step).
 
 Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size`` every
 round is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer than 2
@@ -50,6 +52,7 @@ class SAUParams:
     rounds: int = 100  # epochs over the mitigation data (Tiny-ImageNet: 20)
     batch_size: int = 256
     lr: float = 1e-4  # Adam
+    amsgrad: bool = True  # FORK's Adam (train_settings_generate.py:49-53)
     weight_decay: float = 0.0
     trigger_norm: float = 0.2  # L-inf bound in [0, 1] pixel units
     adv_lr: float = 0.2
@@ -190,7 +193,8 @@ def shared_adversarial_unlearning(model, data, params: SAUParams, device):
     hook = SharedAdversarialUnlearning(model, reference, data, params,
                                        torch.Generator(device=data.images.device).manual_seed(seed))
     recipe = Recipe(epochs=params.rounds, batch_size=params.batch_size, lr=params.lr, weight_decay=params.weight_decay,
-                    schedule="constant", optimizer="adam", augment=False)  # the hook augments, before its attack
+                    schedule="constant", optimizer="amsgrad" if params.amsgrad else "adam",
+                    augment=False)  # the hook augments, before its attack
     curve = train(model, data.images, data.labels, recipe, data.normalisation, seed, description="SAU", hook=hook)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("SAU unlearning produced non-finite weights")
