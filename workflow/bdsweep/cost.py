@@ -26,9 +26,7 @@ typical bound rather than a measurement:
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +36,11 @@ import yaml
 
 from . import grid
 from .config import method_params
+from .data.sources import Sizes as DatasetFacts
 from .engine import Recipe
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
 from .params import resolve
-from .registry import ATTACKS, DEFENSES
+from .registry import ATTACKS, DEFENSES, SOURCES
 
 DEFAULT_THROUGHPUT = Path(__file__).with_name("throughput.yaml")
 FORWARD = 1 / 3  # a forward pass without backward, in passes
@@ -56,48 +55,14 @@ class ThroughputError(KeyError):
 # ---------------------------------------------------------------------------------------------- datasets
 
 
-@dataclass(frozen=True)
-class DatasetFacts:
-    train: int  # training images
-    test: int  # test images
-    classes: int
-    size: int  # pixels per side
-
-
-# Sizes of the built-in sources as they prepare them (torchvision's splits; Tiny-ImageNet's test =
-# official val; digits: scikit-learn's 1797 scans, 25 % held out, stratified).
-SOURCE_FACTS = {
-    "cifar10": DatasetFacts(50_000, 10_000, 10, 32),
-    "gtsrb": DatasetFacts(26_640, 12_630, 43, 32),
-    "tiny-imagenet": DatasetFacts(100_000, 10_000, 200, 64),
-}
-
-
 def dataset_facts(options: dict) -> DatasetFacts:
-    source = options["source"]
-    if source in SOURCE_FACTS:
-        return SOURCE_FACTS[source]
-    if source == "digits":
-        test = math.ceil(1797 * 0.25)
-        return DatasetFacts(1797 - test, test, 10, int(options.get("image_size", 32)))
-    if source == "npz":
-        return _npz_facts(Path(options["path"]).expanduser())
-    raise ValueError(f"cost: no size known for dataset source {source!r}")
-
-
-def _npz_facts(path: Path) -> DatasetFacts:
-    """Sizes of a user's .npz: the labels are read (small), the images' shape from their header only."""
-    import numpy as np
-
-    with zipfile.ZipFile(path) as archive, np.load(path) as arrays:
-        with archive.open("x_train.npy") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            image_shape = read_header(handle)[0]
-        y_train, y_test = arrays["y_train"], arrays["y_test"]
-        classes = int(max(y_train.max(), y_test.max())) + 1
-        return DatasetFacts(len(y_train), len(y_test), classes, int(image_shape[1]))
+    """A configured dataset's sizes, as its source declares them (``Source.sizes``)."""
+    name = options["source"]
+    source = SOURCES.get(name)
+    if source.sizes is None:
+        raise ValueError(f"cost: dataset source {name!r} declares no sizes; give its registration "
+                         "`sizes=` (a function of the dataset's options, see bdsweep.data.sources.Sizes)")
+    return source.sizes(options)
 
 
 # ---------------------------------------------------------------------------------------------- defenses

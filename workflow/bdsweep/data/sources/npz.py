@@ -3,12 +3,14 @@ labels) and optionally class_names."""
 
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from ...atomic import load_arrays
 from ...registry import SOURCES
 from ..store import RawDataset
-from . import Source, existing_path
+from . import Sizes, Source, existing_path
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -47,6 +49,20 @@ def load_npz(options: dict) -> RawDataset:
     return RawDataset(arrays["x_train"], y_train, arrays["x_test"], y_test, class_names)
 
 
+def npz_sizes(options: dict) -> Sizes:
+    """The labels are read (small), the images' shape from the array header only."""
+    path = existing_path(options, "path")
+    with zipfile.ZipFile(path) as archive, np.load(path) as arrays:
+        with archive.open("x_train.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            image_shape = read_header(handle)[0]
+        y_train, y_test = arrays["y_train"], arrays["y_test"]
+        classes = int(max(y_train.max(), y_test.max())) + 1
+        return Sizes(len(y_train), len(y_test), classes, int(image_shape[1]))
+
+
 SOURCES.register("npz", "a user-supplied .npz with x_train, y_train, x_test, y_test[, class_names]")(
-    Source(load=load_npz, required=("path",), options=("path",))
+    Source(load=load_npz, required=("path",), options=("path",), sizes=npz_sizes)
 )

@@ -12,7 +12,7 @@ import numpy as np
 
 from ...registry import SOURCES
 from ..store import RawDataset
-from . import Source, existing_path
+from . import Sizes, Source, existing_path
 
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
 TINY_STD = (0.2302, 0.2265, 0.2262)
@@ -83,5 +83,6 @@ def load_tiny_imagenet(options: dict) -> RawDataset:
 
 
 SOURCES.register("tiny-imagenet", "Tiny-ImageNet official folder layout (64 px, 200 classes; test = val)")(
-    Source(load=load_tiny_imagenet, required=("root",), options=("root", "download"), mean=TINY_MEAN, std=TINY_STD)
+    Source(load=load_tiny_imagenet, required=("root",), options=("root", "download"), mean=TINY_MEAN, std=TINY_STD,
+           sizes=lambda options: Sizes(100_000, 10_000, 200, 64))  # test = the official val
 )

@@ -11,7 +11,7 @@ import numpy as np
 
 from ...registry import SOURCES
 from ..store import RawDataset
-from . import Source
+from . import Sizes, Source
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.247, 0.243, 0.261)
@@ -66,8 +66,9 @@ def load_gtsrb(options: dict) -> RawDataset:
 
 SOURCES.register("cifar10", "CIFAR-10 via torchvision (32 px, 10 classes)")(
     Source(load=load_cifar10, required=("root",), options=("root", "download"),
-           mean=CIFAR10_MEAN, std=CIFAR10_STD, hflip=True)
+           mean=CIFAR10_MEAN, std=CIFAR10_STD, hflip=True, sizes=lambda options: Sizes(50_000, 10_000, 10, 32))
 )
 SOURCES.register("gtsrb", "GTSRB via torchvision, whole image resized to 32 px bilinear (43 classes)")(
-    Source(load=load_gtsrb, required=("root",), options=("root", "download"))
+    Source(load=load_gtsrb, required=("root",), options=("root", "download"),
+           sizes=lambda options: Sizes(26_640, 12_630, GTSRB_CLASSES, GTSRB_SIZE))  # torchvision's splits
 )
