@@ -172,3 +172,22 @@ def test_an_npz_datasets_sizes_come_from_its_file(tmp_path):
     np.savez(path, x_train=np.zeros((30, 48, 48, 3), np.uint8), y_train=np.arange(30) % 5,
              x_test=np.zeros((12, 48, 48, 3), np.uint8), y_test=np.arange(12) % 6)
     assert dataset_facts({"source": "npz", "path": str(path)}) == DatasetFacts(30, 12, 6, 48)
+
+
+def test_an_architecture_the_throughput_file_lacks_is_estimated_from_its_registered_gflops(tmp_path):
+    from bdsweep.registry import ARCHITECTURES
+
+    rates = {"devices": {"gpu": {"images_per_s": {"small_cnn": {32: 1000.0}}}}, "path": str(tmp_path)}
+    throughput = Throughput(rates, "gpu")
+    with pytest.warns(UserWarning, match="estimated from 'small_cnn'"):
+        rate = throughput.images_per_s("preact_resnet18", 32)
+    flops = {name: ARCHITECTURES.entry(name).facts["forward_gflops"][32] for name in ("small_cnn", "preact_resnet18")}
+    assert rate == pytest.approx(1000.0 * flops["small_cnn"] / flops["preact_resnet18"])
+    assert throughput.images_per_s("small_cnn", 32) == 1000.0  # a listed rate is used as it is
+
+
+def test_every_registered_architecture_declares_its_forward_gflops_at_32_and_64_px():
+    from bdsweep.registry import ARCHITECTURES
+
+    for entry in ARCHITECTURES.entries():
+        assert set(entry.facts.get("forward_gflops", {})) >= {32, 64}, entry.name

@@ -26,6 +26,7 @@ typical bound rather than a measurement:
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from .data.sources import Sizes as DatasetFacts
 from .engine import Recipe
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
 from .params import resolve
-from .registry import ATTACKS, DEFENSES, SOURCES
+from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
 
 DEFAULT_THROUGHPUT = Path(__file__).with_name("throughput.yaml")
 FORWARD = 1 / 3  # a forward pass without backward, in passes
@@ -274,16 +275,46 @@ class Throughput:
             raise ThroughputError(f"throughput file {table['path']} has no device {device!r} "
                                   f"(it has: {', '.join(devices)})")
         self.device, self.path, self.entry = device, table["path"], devices[device]
+        self.estimated: set[tuple[str, int]] = set()
 
     def images_per_s(self, architecture: str, size: int) -> float:
-        rate = (self.entry.get("images_per_s", {}).get(architecture) or {}).get(size)
-        if not rate:
+        """The measured (or shipped) rate; for an architecture the file lacks, an estimate from the
+        architecture's registered ``forward_gflops`` and the listed architecture closest to it in
+        GFLOPs at that size (with a warning, once), else an error saying how to measure it."""
+        rates = self.entry.get("images_per_s", {})
+        rate = (rates.get(architecture) or {}).get(size)
+        if rate:
+            return float(rate)
+        estimate = self._from_flops(architecture, size, rates)
+        if estimate is None:
             raise ThroughputError(
                 f"no throughput for (architecture {architecture!r}, {size} px) on device {self.device!r} in "
-                f"{self.path}; measure it: python benchmarks/stage_costs.py --device "
+                f"{self.path}, and the architecture registers no forward_gflops at {size} px to estimate it "
+                f"from; measure it: python benchmarks/stage_costs.py --device "
                 f"{'cpu' if self.device == 'cpu' else 'cuda'} --architectures "
                 f"{architecture} --sizes {size} --name {self.device} --out {self.path}")
-        return float(rate)
+        return estimate
+
+    def _from_flops(self, architecture: str, size: int, rates: dict) -> float | None:
+        def gflops(name: str) -> float | None:
+            try:
+                return ARCHITECTURES.entry(name).facts.get("forward_gflops", {}).get(size)
+            except KeyError:
+                return None
+
+        own = gflops(architecture)
+        listed = {name: (float(by_size[size]), gflops(name)) for name, by_size in rates.items()
+                  if (by_size or {}).get(size) and gflops(name)}
+        if not own or not listed:
+            return None
+        reference = min(listed, key=lambda name: abs(math.log(listed[name][1] / own)))
+        rate, reference_gflops = listed[reference]
+        if (architecture, size) not in self.estimated:
+            self.estimated.add((architecture, size))
+            warnings.warn(f"cost: no throughput for {architecture!r} at {size} px on {self.device!r} in {self.path}: "
+                          f"estimated from {reference!r}'s by forward GFLOPs ({reference_gflops} vs {own})",
+                          stacklevel=3)
+        return rate * reference_gflops / own
 
     def hours(self, passes: float, architecture: str, size: int) -> float:
         return passes / self.images_per_s(architecture, size) / 3600 if passes else 0.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,6 +27,7 @@ class Entry:
     obj: Any
     description: str
     implemented: bool
+    facts: dict = field(default_factory=dict)  # what planning needs to know about it, e.g. forward_gflops
 
 
 class Registry:
@@ -36,11 +37,14 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
-    def register(self, name: str, description: str, implemented: bool = True) -> Callable:
+    def register(self, name: str, description: str, implemented: bool = True, **facts) -> Callable:
+        """Register ``obj`` as ``name``; ``facts`` are what other parts need to know about it without
+        building it (e.g. an architecture's ``forward_gflops`` per image size, for ``bdsweep cost``)."""
+
         def decorate(obj):
             if name in self._entries and self._entries[name].implemented:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, obj, description, implemented)
+            self._entries[name] = Entry(name, obj, description, implemented, dict(facts))
             return obj
 
         return decorate

@@ -43,7 +43,7 @@ def create_model(name: str, num_classes: int, image_size: int) -> nn.Module:
     return model
 
 
-def register_torchvision(name: str, description: str, parts: ModelParts) -> None:
+def register_torchvision(name: str, description: str, parts: ModelParts, **facts) -> None:
     """Register torchvision architecture ``torchvision.models.<name>`` as is: ``num_classes``
     set, random initialisation (from scratch). Their adaptive pooling makes them run at any image
     size the stem's strides allow. torchvision is imported when a model is built, not when the
@@ -56,7 +56,7 @@ def register_torchvision(name: str, description: str, parts: ModelParts) -> None
         model.parts = parts
         return model
 
-    ARCHITECTURES.register(name, description)(build)
+    ARCHITECTURES.register(name, description, **facts)(build)
 
 
 def batch_norms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:

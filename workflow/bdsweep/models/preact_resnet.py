@@ -54,4 +54,6 @@ class PreActResNet18(nn.Module):
         return self.linear(torch.flatten(out, 1))
 
 
-ARCHITECTURES.register("preact_resnet18", "PreAct-ResNet18, 3x3 stride-1 stem, no max-pool")(PreActResNet18)
+# Forward GFLOPs per image (torch.utils.flop_counter, 10 classes): bdsweep cost's fallback throughput.
+ARCHITECTURES.register("preact_resnet18", "PreAct-ResNet18, 3x3 stride-1 stem, no max-pool",
+                       forward_gflops={32: 1.111, 64: 4.443})(PreActResNet18)

@@ -31,4 +31,6 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-ARCHITECTURES.register("small_cnn", "four-conv CNN for the CPU demo and tests")(SmallCNN)
+# Forward GFLOPs per image (torch.utils.flop_counter, 10 classes): bdsweep cost's fallback throughput.
+ARCHITECTURES.register("small_cnn", "four-conv CNN for the CPU demo and tests",
+                       forward_gflops={32: 0.0348, 64: 0.1392})(SmallCNN)
