@@ -128,9 +128,9 @@ def _fp(p, m):
     return activations + pruning_checks + p.epochs * m.fit
 
 
-def _anp(p, m):
+def _anp(p, m):  # every batch holds batch_size images, drawn with replacement, whatever the data's size
     thresholds = int(p.pruning_max / p.pruning_step) + 1
-    return p.iterations * min(p.batch_size, m.fit) * (p.steps + 2) + thresholds * m.classes * FORWARD
+    return p.iterations * p.batch_size * (p.steps + 2) + thresholds * m.classes * FORWARD
 
 
 def _awm(p, m):  # trigger search: a forward without and one with gradient; mask: clean + triggered

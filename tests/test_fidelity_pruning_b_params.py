@@ -1,0 +1,39 @@
+"""Parameter tables: ANP, RNP, MM-BD and AWM resolved from the paper preset for every (dataset,
+architecture) equal the values the survey's code (FORK = WhoDunnett/BackdoorBenchmark @ 8613640)
+effectively ran, as ../shared/reference/FIDELITY.md lists them (YAML merged, then every non-empty
+argparse default overriding it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bdsweep.config import method_params
+from bdsweep.params import resolve
+from bdsweep.registry import DEFENSES
+
+PAPER = Path(__file__).resolve().parents[1] / "workflow" / "presets" / "paper.yaml"
+DATASETS = ("cifar10", "gtsrb", "tiny")
+ARCHITECTURES = ("preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large")
+CELLS = [(d, a) for d in DATASETS for a in ARCHITECTURES]
+
+
+def paper_params(name: str, dataset: str, architecture: str):
+    config = yaml.safe_load(PAPER.read_text())
+    assert config["architectures"] == list(ARCHITECTURES) and list(config["datasets"]) == list(DATASETS)
+    entry = config["defenses"][name]
+    return resolve(DEFENSES.get(name).params, method_params(entry, dataset, architecture), name)
+
+
+# FIDELITY.md, "ANP (read)" and Task 2's ANP row; config/defense/anp/default.yaml (one file for all).
+ANP = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 2000, "lr": 0.01, "momentum": 0.9, "batch_size": 256,
+       "updates_per_pass": 500, "augment": True, "pruning_step": 0.05, "pruning_max": 0.9,
+       "max_accuracy_drop": 0.1, "round_scores": True, "clamp_noise": False, "prune_bias": False}
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_anp_paper_values(dataset, architecture):
+    params = paper_params("anp", dataset, architecture)
+    assert {name: getattr(params, name) for name in ANP} == ANP
