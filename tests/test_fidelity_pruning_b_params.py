@@ -37,3 +37,18 @@ ANP = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 2000, "lr": 0.01, "mo
 def test_anp_paper_values(dataset, architecture):
     params = paper_params("anp", dataset, architecture)
     assert {name: getattr(params, name) for name in ANP} == ANP
+
+
+# FIDELITY.md, "RNP (read)" and Task 2's RNP row; config/defense/rnp/default.yaml (one file for all).
+RNP = {"unlearn_lr": 0.001, "unlearn_epochs": 20, "clean_threshold": 0.2, "momentum": 0.9, "weight_decay": 0.05,
+       "recover_lr": 0.2, "recover_epochs": 20, "threshold_step": 0.02, "max_accuracy_drop": 0.02,
+       "batch_size": 256, "augment": True, "augment_accuracy": True, "round_scores": True, "unlearn_masks": True,
+       "clip_gradients": False, "max_tries": 10, "retry_lr_factor": 0.1, "final_bn_eps": 1e-5,
+       "prune_bias": False}
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_rnp_paper_values(dataset, architecture):
+    params = paper_params("rnp", dataset, architecture)
+    assert {name: getattr(params, name) for name in RNP} == RNP
+    assert not hasattr(params, "alpha")  # FORK's recovery loss has no alpha (rnp.py:179)

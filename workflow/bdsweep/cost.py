@@ -137,6 +137,11 @@ def _awm(p, m):  # trigger search: a forward without and one with gradient; mask
     return p.epochs * p.inner * m.images * ((1 + FORWARD) + 2)
 
 
+def _rnp(p, m):  # unlearning at its maximum, recovery, then one forward per swept threshold (all of them)
+    thresholds = math.ceil(1 / p.threshold_step) + 1
+    return (p.unlearn_epochs + p.recover_epochs) * m.images + thresholds * m.images * FORWARD
+
+
 def _mmbd(p, m):  # a forward for the reference logits, then per epoch a step and an accuracy check
     return m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
 
@@ -177,7 +182,7 @@ DEFENSE_PASSES: dict[str, Callable[[object, MitigationSize], float]] = {
     "fp": _fp,
     "anp": _anp,
     "awm": _awm,
-    "rnp": _epochs_times(_images, "unlearn_epochs", "recover_epochs"),  # unlearning at its maximum
+    "rnp": _rnp,
     "mm-bd": _mmbd,
     "npd": _npd,
     "ft": _epochs_times(_images, "epochs"),
