@@ -52,3 +52,16 @@ def test_rnp_paper_values(dataset, architecture):
     params = paper_params("rnp", dataset, architecture)
     assert {name: getattr(params, name) for name in RNP} == RNP
     assert not hasattr(params, "alpha")  # FORK's recovery loss has no alpha (rnp.py:179)
+
+
+# FIDELITY.md, "MM-BD (read; FORK only)" and Task 2's MM-BD row; config/defense/mm-bd/default.yaml and
+# mm-bd.py's argparse defaults (equal).
+MMBD = {"epochs": 50, "lr": 1e-3, "lam": 0.5, "lambda_factor": 1.2, "lambda_every": 10, "allowed_drop": 0.05,
+        "batch_size": 256, "augment": True}
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_mmbd_paper_values(dataset, architecture):
+    params = paper_params("mm-bd", dataset, architecture)
+    assert {name: getattr(params, name) for name in MMBD} == MMBD
+    assert not hasattr(params, "bounded_stages")  # every activation layer, not the shallowest stages

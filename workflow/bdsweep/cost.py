@@ -142,8 +142,9 @@ def _rnp(p, m):  # unlearning at its maximum, recovery, then one forward per swe
     return (p.unlearn_epochs + p.recover_epochs) * m.images + thresholds * m.images * FORWARD
 
 
-def _mmbd(p, m):  # a forward for the reference logits, then per epoch a step and an accuracy check
-    return m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
+def _mmbd(p, m):  # passes for the layer maxima, the initial and the final accuracy, then per batch the
+    # unbounded reference's forward and the bounded model's step
+    return 3 * m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
 
 
 def _npd(p, m):  # per step: the PGD steps, then the clean and adversarial batches
