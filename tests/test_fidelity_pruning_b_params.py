@@ -65,3 +65,15 @@ def test_mmbd_paper_values(dataset, architecture):
     params = paper_params("mm-bd", dataset, architecture)
     assert {name: getattr(params, name) for name in MMBD} == MMBD
     assert not hasattr(params, "bounded_stages")  # every activation layer, not the shallowest stages
+
+
+# FIDELITY.md, Task 2's AWM/AWN row; config/defense/awn/default.yaml overridden by awn.py's argparse
+# defaults (hyper_gamma 1e-7 over the YAML's 1e-8); the mask SGD has no momentum.
+AWM = {"epochs": 20, "inner": 1, "lr": 0.01, "momentum": 0.0, "lr_decay": 0.9, "alpha": 0.9, "gamma": 1e-7,
+       "trigger_norm": 1000.0, "trigger_lr": 10.0, "batch_size": 256, "augment": True, "clamp_to_unit": True}
+
+
+@pytest.mark.parametrize("dataset, architecture", CELLS)
+def test_awm_paper_values(dataset, architecture):
+    params = paper_params("awm", dataset, architecture)
+    assert {name: getattr(params, name) for name in AWM} == AWM
