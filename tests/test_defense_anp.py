@@ -47,7 +47,8 @@ def test_params_validate_and_name_the_hyperparameter():
     # FORK's effective values (config/defense/anp/default.yaml; mask lr = args.lr, anp.py:758)
     assert ANPParams() == ANPParams(eps=0.4, steps=1, alpha=0.2, iterations=2000, lr=0.01, batch_size=256,
                                     updates_per_pass=500, pruning_step=0.05, pruning_max=0.9,
-                                    max_accuracy_drop=0.1, round_scores=True, clamp_noise=False, prune_bias=False)
+                                    max_accuracy_drop=0.1, round_scores=True, clamp_noise=False, prune_bias=False,
+                                    augment_held_out=True)
     for name, value in (("eps", -0.1), ("alpha", 1.5), ("iterations", 0), ("pruning_max", 1.0)):
         with pytest.raises(ValueError, match=name):
             ANPParams(**{name: value})
@@ -121,11 +122,27 @@ def test_batches_are_drawn_with_replacement_at_full_size_and_augmented(monkeypat
     assert counts.min() > 0 and counts.max() > 400 / 8 + 10  # uniform with replacement, not a permutation
 
 
+@pytest.mark.parametrize("augment_held_out", [True, False])
+def test_held_out_accuracy_is_measured_on_augmented_images_as_forks_validation_loader(monkeypatch, augment_held_out):
+    calls = []
+    real = anp_module.batches
+
+    def record(data, batch_size, generator=None, augment=False, **kwargs):
+        calls.append((len(data), augment))
+        return real(data, batch_size, generator, augment, **kwargs)
+
+    monkeypatch.setattr(anp_module, "batches", record)
+    run_anp(small_model(), mitigation_data(), iterations=1, batch_size=4, augment_held_out=augment_held_out)
+    # the unpruned model, then each of the 19 thresholds, on the 4 held-out images
+    assert calls == ([(4, True)] * 20 if augment_held_out else [])
+
+
 def test_learning_leaves_the_model_alone_and_pruning_zeroes_exactly_the_chosen_bn_weights():
     model = small_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # Held-out accuracy stays the same at every threshold here: the last one, 0.9, is chosen.
-    result = run_anp(model, mitigation_data(seed=2), lr=5.0, iterations=8, batch_size=8, max_accuracy_drop=1.0)
+    result = run_anp(model, mitigation_data(seed=2), lr=5.0, iterations=8, batch_size=8, max_accuracy_drop=1.0,
+                     augment_held_out=False)
     details = result.details
     assert details["mask_updates"] == 8 and details["threshold"] == pytest.approx(0.9)
     assert 0 < details["pruned_channels"] < details["neurons"]

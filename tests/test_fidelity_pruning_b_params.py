@@ -30,7 +30,8 @@ def paper_params(name: str, dataset: str, architecture: str):
 # FIDELITY.md, "ANP (read)" and Task 2's ANP row; config/defense/anp/default.yaml (one file for all).
 ANP = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 2000, "lr": 0.01, "momentum": 0.9, "batch_size": 256,
        "updates_per_pass": 500, "augment": True, "pruning_step": 0.05, "pruning_max": 0.9,
-       "max_accuracy_drop": 0.1, "round_scores": True, "clamp_noise": False, "prune_bias": False}
+       "max_accuracy_drop": 0.1, "round_scores": True, "clamp_noise": False, "prune_bias": False,
+       "augment_held_out": True}
 
 
 @pytest.mark.parametrize("dataset, architecture", CELLS)

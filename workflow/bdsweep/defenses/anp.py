@@ -29,9 +29,12 @@ The one deviation (kind a): FORK's ``acc_ori`` is the unpruned model's clean TES
 (``support.split_held_out``), on which every threshold is also judged. An unpruned model with held-out
 accuracy 0 leaves the relative rule undefined (FORK would divide by zero): nothing is pruned (noted).
 
-As in FORK the model is in training mode while masks are learnt (BN uses batch statistics); here BN
-does so on copies of the running statistics, so the returned model keeps its own; dropout stays off.
-With fewer than 2 images to fit on, BN uses running statistics (noted).
+FORK's held-out (validation) loader applies the training transform, so held-out accuracy is measured on
+freshly augmented images at every threshold (``augment_held_out=False`` measures on the plain images).
+
+As in FORK the model is in training mode while masks are learnt (BN uses batch statistics, dropout is
+on); BN does so on copies of the running statistics, so the returned model keeps its own. With fewer
+than 2 images to fit on, BN uses running statistics (noted).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from ..models import batch_norms
 from ..params import check_ranges
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
-from .support import accuracy, split_held_out
+from .support import accuracy, batches, split_held_out
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class ANPParams:
     round_scores: bool = True  # FORK's quirk: scores rounded to 4 decimals before thresholding
     clamp_noise: bool = False  # FORK's quirk is False: the perturbation may leave [-eps, eps] after its step
     prune_bias: bool = False  # FORK zeroes the BN weight only
+    augment_held_out: bool = True  # FORK's quirk: held-out images are augmented (its validation loader's transform)
 
     def __post_init__(self):
         checks = {"eps": self.eps >= 0, "steps": self.steps >= 1, "alpha": 0 <= self.alpha <= 1,
@@ -144,11 +148,10 @@ def perturb(masks: NeuronMasks, x, y, params: ANPParams, generator, running_stat
 def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_statistics: bool) -> int:
     """The ANP min-max optimisation; returns the number of mask updates made."""
     model = masks.model
-    model.eval()
-    bns = [bn for _, bn in masks.layers]
-    if batch_statistics:
-        for bn in bns:
-            bn.train()
+    model.train()  # as FORK's mask_train: BN batch statistics, dropout on
+    if not batch_statistics:
+        for _, bn in masks.layers:
+            bn.eval()
     # Batch statistics update running statistics in place: point them at copies.
     running_stats = {f"{name}.{buffer}": getattr(bn, buffer).clone() for name, bn in masks.layers
                      for buffer in ("running_mean", "running_var", "num_batches_tracked")
@@ -209,17 +212,32 @@ def prune(masks: NeuronMasks, originals, scores: torch.Tensor, threshold: float 
     return int((keep == 0).sum())
 
 
-def choose_threshold(masks: NeuronMasks, held_out, params: ANPParams, scores: torch.Tensor | None = None):
+def held_out_accuracy(model, held_out: MitigationData, params: ANPParams, generator) -> float:
+    """Eval-mode accuracy on the held-out images; augmented with ``augment_held_out`` (FORK's
+    validation loader uses the training transform, so each evaluation sees fresh crops and flips)."""
+    if not params.augment_held_out or generator is None:
+        return accuracy(model, held_out)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum())
+                      for x, y in batches(held_out, 512, generator, augment=True))
+    model.train(was_training)
+    return correct / len(held_out)
+
+
+def choose_threshold(masks: NeuronMasks, held_out, params: ANPParams, scores: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None):
     """The LAST threshold on FORK's grid whose held-out accuracy passes FORK's rule against the
     unpruned model's held-out accuracy; None when none does. Returns (threshold, accuracy before,
     accuracy after, {threshold: accuracy}) and leaves the model pruned at it."""
     scores = mask_scores(masks, params) if scores is None else scores
     originals = [(bn.weight.detach().clone(), bn.bias.detach().clone()) for _, bn in masks.layers]
-    base = accuracy(masks.model, held_out)
+    base = held_out_accuracy(masks.model, held_out, params, generator)
     accuracies, chosen, after = {}, None, base
     for threshold in thresholds(params):
         prune(masks, originals, scores, threshold, params.prune_bias)
-        accuracies[round(threshold, 6)] = held = accuracy(masks.model, held_out)
+        accuracies[round(threshold, 6)] = held = held_out_accuracy(masks.model, held_out, params, generator)
         if passes(held, base, params):
             chosen, after = threshold, held
     prune(masks, originals, scores, chosen, params.prune_bias)
@@ -238,7 +256,7 @@ def adversarial_neuron_pruning(model, data, params: ANPParams, device):
     masks = NeuronMasks(model, device)
     updates = learn_masks(masks, fit, params, generator, batch_statistics) if len(fit) else 0
     scores = mask_scores(masks, params)
-    threshold, before, after, accuracies = choose_threshold(masks, held_out, params, scores)
+    threshold, before, after, accuracies = choose_threshold(masks, held_out, params, scores, generator)
     if before == 0:
         notes.append("the unpruned model classifies no held-out image correctly: the relative accuracy rule is "
                      "undefined, nothing pruned")
