@@ -48,7 +48,7 @@ def test_params_validate_and_name_the_hyperparameter():
     assert ANPParams() == ANPParams(eps=0.4, steps=1, alpha=0.2, iterations=2000, lr=0.01, batch_size=256,
                                     updates_per_pass=500, pruning_step=0.05, pruning_max=0.9,
                                     max_accuracy_drop=0.1, round_scores=True, clamp_noise=False, prune_bias=False,
-                                    augment_held_out=True)
+                                    augment_held_out=True, learning_bn_eps=1e-5)
     for name, value in (("eps", -0.1), ("alpha", 1.5), ("iterations", 0), ("pruning_max", 1.0)):
         with pytest.raises(ValueError, match=name):
             ANPParams(**{name: value})
@@ -135,6 +135,22 @@ def test_held_out_accuracy_is_measured_on_augmented_images_as_forks_validation_l
     run_anp(small_model(), mitigation_data(), iterations=1, batch_size=4, augment_held_out=augment_held_out)
     # the unpruned model, then each of the 19 thresholds, on the 4 held-out images
     assert calls == ([(4, True)] * 20 if augment_held_out else [])
+
+
+def test_masks_are_learnt_with_forks_bn_eps_and_the_model_keeps_its_own(monkeypatch):
+    model = create_model("mobilenet_v3_large", 2, 32)
+    seen = []
+    original = NeuronMasks.forward
+
+    def record(self, x, mask, noise=None, running_stats=None):
+        seen.append({bn.eps for _, bn in self.layers})
+        return original(self, x, mask, noise, running_stats)
+
+    monkeypatch.setattr(NeuronMasks, "forward", record)
+    result = run_anp(model, mitigation_data(per_class=2, num_classes=2, size=32), iterations=1, batch_size=4,
+                     augment_held_out=False)
+    assert seen == [{1e-5}] * 3  # the PGD, clean and perturbed forward of the one update
+    assert {bn.eps for _, bn in batch_norms(result.model)} == {1e-3}
 
 
 def test_learning_leaves_the_model_alone_and_pruning_zeroes_exactly_the_chosen_bn_weights():

@@ -31,7 +31,7 @@ def paper_params(name: str, dataset: str, architecture: str):
 ANP = {"eps": 0.4, "steps": 1, "alpha": 0.2, "iterations": 2000, "lr": 0.01, "momentum": 0.9, "batch_size": 256,
        "updates_per_pass": 500, "augment": True, "pruning_step": 0.05, "pruning_max": 0.9,
        "max_accuracy_drop": 0.1, "round_scores": True, "clamp_noise": False, "prune_bias": False,
-       "augment_held_out": True}
+       "augment_held_out": True, "learning_bn_eps": 1e-5}
 
 
 @pytest.mark.parametrize("dataset, architecture", CELLS)

@@ -29,6 +29,9 @@ The one deviation (kind a): FORK's ``acc_ori`` is the unpruned model's clean TES
 (``support.split_held_out``), on which every threshold is also judged. An unpruned model with held-out
 accuracy 0 leaves the relative rule undefined (FORK would divide by zero): nothing is pruned (noted).
 
+FORK learns the masks on a copy built with ``NoisyBatchNorm2d`` (BN eps 1e-5; MobileNetV3's own is
+1e-3) and prunes the original architecture: ``learning_bn_eps`` (0 keeps the model's own eps).
+
 FORK's held-out (validation) loader applies the training transform, so held-out accuracy is measured on
 freshly augmented images at every threshold (``augment_held_out=False`` measures on the plain images).
 
@@ -72,13 +75,14 @@ class ANPParams:
     clamp_noise: bool = False  # FORK's quirk is False: the perturbation may leave [-eps, eps] after its step
     prune_bias: bool = False  # FORK zeroes the BN weight only
     augment_held_out: bool = True  # FORK's quirk: held-out images are augmented (its validation loader's transform)
+    learning_bn_eps: float = 1e-5  # FORK learns masks on a copy with BN eps 1e-5 (MobileNetV3: 1e-3); 0 keeps own
 
     def __post_init__(self):
         checks = {"eps": self.eps >= 0, "steps": self.steps >= 1, "alpha": 0 <= self.alpha <= 1,
                   "iterations": self.iterations >= 1, "lr": self.lr > 0, "momentum": 0 <= self.momentum < 1,
                   "batch_size": self.batch_size >= 2, "updates_per_pass": self.updates_per_pass >= 1,
                   "pruning_step": self.pruning_step > 0, "pruning_max": 0 <= self.pruning_max < 1,
-                  "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1}
+                  "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1, "learning_bn_eps": self.learning_bn_eps >= 0}
         check_ranges("ANP", self, checks)
 
 
@@ -156,6 +160,10 @@ def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_sta
     running_stats = {f"{name}.{buffer}": getattr(bn, buffer).clone() for name, bn in masks.layers
                      for buffer in ("running_mean", "running_var", "num_batches_tracked")
                      if getattr(bn, buffer) is not None}
+    eps = [bn.eps for _, bn in masks.layers]
+    if params.learning_bn_eps > 0:  # FORK's noisy copy is built with NoisyBatchNorm2d's eps 1e-5
+        for _, bn in masks.layers:
+            bn.eps = params.learning_bn_eps
     optimiser = torch.optim.SGD([masks.mask], lr=params.lr, momentum=params.momentum)
     progress = Progress(masks, optimiser, generator)
     watch = LossWatch(masks.mask.device, lambda step: f"ANP mask update {step + 1}")
@@ -178,6 +186,8 @@ def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_sta
                 progress.updates += 1
             watch.check()
             checkpoint.boundary(finished=progress.updates == params.iterations)
+    for (_, bn), own in zip(masks.layers, eps):
+        bn.eps = own  # the pruned model is the original architecture (FORK's net_prune)
     model.eval()
     return progress.updates
 
