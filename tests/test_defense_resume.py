@@ -30,7 +30,7 @@ CPU = torch.device("cpu")
 SMALL = {
     "nad": {"teacher_epochs": 2, "epochs": 3, "batch_size": 8},  # 4 batches per epoch on 32 images
     "i-bau": {"rounds": 3, "batch_size": 16, "fixed_point_iterations": 2},  # 2 batches per round
-    "anp": {"iterations": 6, "batch_size": 16},  # 28 images to fit on: 2 updates per pass
+    "anp": {"iterations": 6, "batch_size": 16, "updates_per_pass": 2},  # passes of 2 updates
     # two groups of 2 classes, 3 epochs of 2 batches each; 2 unlearning epochs if a class is flagged
     "nc": {"epochs": 3, "batch_size": 16, "classes_per_pass": 2, "patience": 1, "unlearn_epochs": 2,
            "unlearn_batch_size": 8},

@@ -99,17 +99,23 @@ def _bnp(p, m):  # the statistics batch (FORK: the loader's last batch only), th
     return (measured + 2 * m.images) * FORWARD
 
 
-def _anp(p, m):
+def _anp(p, m):  # every batch holds batch_size images, drawn with replacement, whatever the data's size
     thresholds = int(p.pruning_max / p.pruning_step) + 1
-    return p.iterations * min(p.batch_size, m.fit) * (p.steps + 2) + thresholds * m.classes * FORWARD
+    return p.iterations * p.batch_size * (p.steps + 2) + thresholds * m.classes * FORWARD
 
 
 def _awm(p, m):  # trigger search: a forward without and one with gradient; mask: clean + triggered
     return p.epochs * p.inner * m.images * ((1 + FORWARD) + 2)
 
 
-def _mmbd(p, m):  # a forward for the reference logits, then per epoch a step and an accuracy check
-    return m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
+def _rnp(p, m):  # unlearning at its maximum, recovery, then one forward per swept threshold (all of them)
+    thresholds = math.ceil(1 / p.threshold_step) + 1
+    return (p.unlearn_epochs + p.recover_epochs) * m.images + thresholds * m.images * FORWARD
+
+
+def _mmbd(p, m):  # passes for the layer maxima, the initial and the final accuracy, then per batch the
+    # unbounded reference's forward and the bounded model's step
+    return 3 * m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
 
 
 def _npd(p, m):  # per step: the PGD steps, then the clean and adversarial batches
@@ -149,7 +155,7 @@ DEFENSE_PASSES: dict[str, Callable[[object, MitigationSize], float]] = {
     "fp": _fp,
     "anp": _anp,
     "awm": _awm,
-    "rnp": _epochs_times(_images, "unlearn_epochs", "recover_epochs"),  # unlearning at its maximum
+    "rnp": _rnp,
     "mm-bd": _mmbd,
     "npd": _npd,
     "ft": _epochs_times(_images, "epochs"),

@@ -1,29 +1,40 @@
 """RNP (Li, Lyu, Ma, Koren, Lyu, Li and Jiang, "Reconstructive Neuron Pruning for Backdoor Defense",
-ICML 2023): unlearn the clean task, learn which neurons recover it, prune the rest.
+ICML 2023) as the survey's code ran it (FORK = WhoDunnett/BackdoorBenchmark @ 8613640, ``defense/rnp.py``,
+``config/defense/rnp/default.yaml``, ``utils/defense_utils/rnp/mask_batchnorm.py``).
 
-1. Unlearn: a copy of the model is trained by gradient *ascent* on the clean mitigation data (SGD
-   lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at epochs 10 and 20) and stops after the first
-   epoch whose training accuracy is <= ``clean_threshold`` (0.2), or after ``unlearn_epochs`` (20).
-2. Recover: with the unlearned weights frozen, a mask in [0, 1] per BN channel (init 1, a factor on
-   that channel's BN weight) is learned by gradient *descent* on ``alpha`` x the clean cross-entropy
-   (SGD lr 0.2, momentum 0.9, 20 epochs), clipped to [0, 1] after every step.
-3. Prune: on the ORIGINAL model, every channel whose mask is <= ``prune_threshold`` (0.7) gets its BN
-   weight zeroed; the unlearned copy is discarded.
+1. Unlearn: a copy of the model whose every BN weight carries a mask (init 1, a factor on the weight) is
+   trained by gradient *ascent* on the clean mitigation data, weights and masks alike (SGD lr 0.001,
+   momentum 0.9, weight decay 0.05 (the YAML's string ``5e-2`` cast, `rnp.py:419-421`), cosine schedule
+   with T_max 20 (`:422`), batches of 256), and stops after the first epoch whose training accuracy is
+   <= ``clean_threshold`` (0.2), or after ``unlearn_epochs`` (20).
+2. Recover: with the unlearned weights frozen, the masks, starting where unlearning left them (FORK
+   unlearns a masked copy and loads its state, masks included, into the recovery copy), learn by
+   gradient *descent* on the plain clean cross-entropy (no alpha, `:179`; SGD lr 0.2, momentum 0.9,
+   20 epochs), clipped to [0, 1] after every step.
+3. Prune: on the ORIGINAL model, the threshold rises from 0 in steps of 0.02 (repeated float addition,
+   while < 1); at each, every channel whose mask score (rounded to 4 decimals, as FORK writes and reads
+   them) is < the threshold gets its BN weight zeroed; the sweep stops at the first threshold whose
+   mitigation accuracy falls below the unpruned accuracy - 0.02 (absolute), and the model of the last
+   threshold that did not is returned (`:508-531`).
 
-Interpretations (from the authors' code and the BackdoorBench port the survey used):
-- ``alpha`` only scales the recovery loss (the toolkit's ``loss = alpha * loss``), i.e. with plain SGD
-  it is a factor on the mask's step size; there is no mask penalty or loss mix.
-- Pruning zeroes the BN weight only, as the toolkit does: the mask was learned as a factor on that
-  weight, so a pruned channel keeps its BN shift. ``prune_bias=True`` zeroes the shift too.
-- The toolkit sweeps thresholds against test ASR/ACC; we apply only its fixed default threshold.
-- Gradients are clipped to norm 20 after the backward pass (the toolkit clips before it, a no-op),
-  so the ascent cannot diverge to non-finite weights.
-- Both stages augment batches (random crop, flip where the dataset allows), as the toolkit's loader does.
+FORK's quirks, reproduced by default (each with a parameter for the corrected behaviour):
+- a failed try (an exception; FORK runs with anomaly detection, so a NaN in the backward pass raises)
+  is retried from the original weights with the unlearning lr x 0.1, up to 10 tries (`:488`); here a
+  non-finite loss or non-finite unlearned weights is a failure (``max_tries``, ``retry_lr_factor``);
+- the masks are unlearned together with the weights, so recovery starts from the unlearned masks, not
+  from 1 (``unlearn_masks=False`` starts it from 1, as the authors' code);
+- FORK clips the unlearning gradients *before* the backward pass, a no-op (``clip_gradients=True``
+  clips them after it, at norm 20);
+- accuracy for the threshold sweep is measured (eval mode) on FORK's training loader, i.e. on augmented
+  images (``augment_accuracy=False`` measures on the plain images);
+- the returned model is a copy FORK builds with ``nn.BatchNorm2d``'s eps 1e-5 (`:494`), which changes
+  MobileNetV3 (eps 1e-3 in torchvision) and no other architecture: ``final_bn_eps`` (0 keeps the
+  architecture's own);
+- pruning zeroes the BN weight only (``prune_bias`` zeroes the shift too).
 
-Few data: RNP needs no held-out split. With fewer images than ``batch_size`` every epoch is a single
-batch of all of them; a trailing batch of one image is skipped (BN cannot train on it); with fewer
-than 2 images nothing can be trained and the model is returned unpruned. Each case, and unlearning
-that never reaches ``clean_threshold``, is recorded in ``details["notes"]``.
+Few data: RNP needs no held-out split. A trailing batch of one image is skipped (BN cannot train on
+it); with fewer than 2 images nothing can be trained and the model is returned unpruned. Each case,
+unlearning that never reaches ``clean_threshold`` and retries are recorded in ``details["notes"]``.
 """
 
 from __future__ import annotations
@@ -36,45 +47,53 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..engine import LossWatch, autocast
+from ..engine import LossWatch, NonFiniteLoss, autocast
 from ..models import batch_norms
 from ..params import check_ranges
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
-from .support import accuracy, batches
+from .support import batches
 
-GRADIENT_CLIP = 20.0  # the toolkit's max gradient norm during unlearning
+GRADIENT_CLIP = 20.0  # the toolkit's max gradient norm during unlearning (used with clip_gradients only)
 
 
 @dataclass(frozen=True)
 class RNPParams:
-    unlearn_lr: float = 0.01
-    unlearn_epochs: int = 20  # at most: unlearning stops once training accuracy <= clean_threshold
-    unlearn_milestones: tuple[int, ...] = (10, 20)  # epochs where the unlearning lr drops x0.1
-    clean_threshold: float = 0.2
+    unlearn_lr: float = 0.001  # FORK unlearn_lr (yaml)
+    unlearn_epochs: int = 20  # at most, and the cosine schedule's T_max (`rnp.py:422`)
+    clean_threshold: float = 0.2  # FORK unlearn_threshold
     momentum: float = 0.9  # both stages
-    weight_decay: float = 5e-4  # unlearning only; the mask has none
-    recover_lr: float = 0.2
+    weight_decay: float = 0.05  # unlearning only (FORK's yaml string 5e-2, cast at `rnp.py:419`)
+    recover_lr: float = 0.2  # FORK recovery_lr
     recover_epochs: int = 20
-    alpha: float = 0.2  # scale of the recovery loss
-    prune_threshold: float = 0.7  # prune channels whose mask is <= this
-    prune_bias: bool = False  # also zero the pruned channels' BN shift (the toolkit does not)
-    batch_size: int = 128
-    augment: bool = True
+    threshold_step: float = 0.02  # FORK's sweep step (`rnp.py:508-531`)
+    max_accuracy_drop: float = 0.02  # FORK recovery_drop: absolute drop of mitigation accuracy allowed
+    batch_size: int = 256
+    augment: bool = True  # both stages train on augmented batches, as FORK's loader
+    augment_accuracy: bool = True  # FORK's quirk: the sweep's accuracy is measured on augmented images
+    round_scores: bool = True  # FORK's quirk: mask scores rounded to 4 decimals
+    unlearn_masks: bool = True  # FORK's quirk: masks are unlearned too, and recovery starts from them
+    clip_gradients: bool = False  # FORK clips before the backward pass (a no-op); True clips after it
+    max_tries: int = 10  # FORK retries a failed unlearning/recovery ...
+    retry_lr_factor: float = 0.1  # ... with the unlearning lr times this (`rnp.py:488`)
+    final_bn_eps: float = 1e-5  # FORK's final copy's BN eps (`rnp.py:494`); 0 keeps the architecture's own
+    prune_bias: bool = False  # also zero the pruned channels' BN shift (FORK does not)
 
     def __post_init__(self):
         checks = {
             "unlearn_lr": self.unlearn_lr > 0,
             "unlearn_epochs": self.unlearn_epochs >= 1,
-            "unlearn_milestones": all(isinstance(m, int) and m >= 1 for m in self.unlearn_milestones),
             "clean_threshold": 0 <= self.clean_threshold <= 1,
             "momentum": 0 <= self.momentum < 1,
             "weight_decay": self.weight_decay >= 0,
             "recover_lr": self.recover_lr > 0,
             "recover_epochs": self.recover_epochs >= 1,
-            "alpha": self.alpha > 0,
-            "prune_threshold": 0 <= self.prune_threshold < 1,
+            "threshold_step": 0 < self.threshold_step <= 1,
+            "max_accuracy_drop": 0 <= self.max_accuracy_drop <= 1,
             "batch_size": self.batch_size >= 1,
+            "max_tries": self.max_tries >= 1,
+            "retry_lr_factor": 0 < self.retry_lr_factor <= 1,
+            "final_bn_eps": self.final_bn_eps >= 0,
         }
         check_ranges("RNP", self, checks)
 
@@ -86,67 +105,83 @@ def training_batches(data: MitigationData, params: RNPParams, generator: torch.G
             yield x, y
 
 
-class Progress:
-    """Everything a stage's epochs change: what a checkpoint between epochs holds. ``trained`` is
-    what the stage learns (the unlearned copy, or the masks: the optimiser's tensors, restored in place)."""
+def masked_norms(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    return [(name, bn) for name, bn in batch_norms(model) if bn.weight is not None]
 
-    def __init__(self, trained: nn.Module | dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
+
+def masked_logits(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits with every BN weight times its mask (FORK's MaskBatchNorm2d), through functional_call."""
+    overrides = {f"{name}.weight": bn.weight * masks[name] for name, bn in masked_norms(model)}
+    with autocast(x.device):
+        return functional_call(model, overrides, (x,)).float()
+
+
+class Progress:
+    """Everything a stage's epochs change: what a checkpoint between epochs holds. ``trained`` is the
+    unlearned copy (unlearning only); ``masks`` are the optimiser's tensors, restored in place."""
+
+    def __init__(self, trained: nn.Module | None, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
                  generator: torch.Generator, schedule: torch.optim.lr_scheduler.LRScheduler | None = None):
-        self.trained, self.optimiser, self.generator, self.schedule = trained, optimiser, generator, schedule
+        self.masks, self.optimiser, self.generator, self.schedule = masks, optimiser, generator, schedule
+        if trained is not None:
+            self.trained = trained
         self.epochs, self.done = 0, False
         self.train_accuracy = 1.0  # of the last epoch; unlearning only
 
 
-def unlearn(model: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator
-            ) -> tuple[int, float]:
-    """Gradient ascent on the clean loss, in place; (epochs run, training accuracy of the last one)."""
-    optimiser = torch.optim.SGD(model.parameters(), lr=params.unlearn_lr, momentum=params.momentum,
+def unlearn(model: nn.Module, masks: dict[str, torch.Tensor], data: MitigationData, params: RNPParams,
+            generator: torch.Generator, lr: float | None = None, label: str = "RNP unlearning") -> tuple[int, float]:
+    """Gradient ascent on the clean loss, in place, on the weights and (``unlearn_masks``) the masks;
+    (epochs run, training accuracy of the last one)."""
+    trained = list(model.parameters()) + (list(masks.values()) if params.unlearn_masks else [])
+    for t in trained:
+        t.requires_grad_(True)
+    optimiser = torch.optim.SGD(trained, lr=params.unlearn_lr if lr is None else lr, momentum=params.momentum,
                                 weight_decay=params.weight_decay)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, list(params.unlearn_milestones), gamma=0.1)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=params.unlearn_epochs)
     model.train()
-    progress = Progress(model, optimiser, generator, schedule)
+    progress = Progress(model, masks, optimiser, generator, schedule)
     watch = LossWatch(data.images.device, lambda epoch: f"RNP unlearning epoch {epoch + 1}")
-    with loop_checkpoint("RNP unlearning", progress) as checkpoint:  # saved between epochs
+    with loop_checkpoint(label, progress) as checkpoint:  # saved between epochs
         while not progress.done:
             correct, seen = torch.zeros((), dtype=torch.long, device=data.images.device), 0
             for x, y in training_batches(data, params, generator):
-                with autocast(x.device):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                logits = masked_logits(model, masks, x)
+                loss = F.cross_entropy(logits, y)
                 watch.observe(loss, progress.epochs)
                 optimiser.zero_grad(set_to_none=True)
                 (-loss).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRADIENT_CLIP)
+                if params.clip_gradients:
+                    nn.utils.clip_grad_norm_(trained, GRADIENT_CLIP)
                 optimiser.step()
                 correct += (logits.argmax(1) == y).sum()  # summed on the device: one sync per epoch
                 seen += len(y)
             schedule.step()
             watch.check()
-            progress.epochs, progress.train_accuracy = progress.epochs + 1, correct.item() / seen
+            progress.epochs, progress.train_accuracy = progress.epochs + 1, correct.item() / max(seen, 1)
             progress.done = (progress.epochs == params.unlearn_epochs
                              or progress.train_accuracy <= params.clean_threshold)
             checkpoint.boundary(finished=progress.done)
+    for t in trained:
+        t.requires_grad_(False)
     return progress.epochs, progress.train_accuracy
 
 
-def learn_neuron_mask(unlearned: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator
-                      ) -> dict[str, torch.Tensor]:
+def learn_neuron_mask(unlearned: nn.Module, masks: dict[str, torch.Tensor], data: MitigationData, params: RNPParams,
+                      generator: torch.Generator, label: str = "RNP neuron mask") -> dict[str, torch.Tensor]:
     """Per BN layer name, a mask in [0, 1] on its channels that recovers the clean loss of ``unlearned``
-    (whose weights stay fixed: the mask enters as a factor on each BN weight through functional_call)."""
-    norms = [(name, bn) for name, bn in batch_norms(unlearned) if bn.weight is not None]
-    masks = {name: torch.ones(bn.num_features, device=bn.weight.device, requires_grad=True) for name, bn in norms}
+    (whose weights stay fixed), starting from ``masks`` (changed in place)."""
+    for mask in masks.values():
+        mask.requires_grad_(True)
     optimiser = torch.optim.SGD(masks.values(), lr=params.recover_lr, momentum=params.momentum)
-    unlearned.requires_grad_(False).train()  # train mode as in the toolkit: BN normalises with batch statistics
+    unlearned.requires_grad_(False).train()  # train mode as in FORK: BN normalises with batch statistics
     # The BN running statistics this updates are not in the checkpoint: in train mode they never reach the outputs.
-    progress = Progress(masks, optimiser, generator)
+    progress = Progress(None, masks, optimiser, generator)
     watch = LossWatch(data.images.device, lambda epoch: f"RNP mask recovery epoch {epoch + 1}")
-    with loop_checkpoint("RNP neuron mask", progress) as checkpoint:  # saved between epochs
+    with loop_checkpoint(label, progress) as checkpoint:  # saved between epochs
         while progress.epochs < params.recover_epochs:
             for x, y in training_batches(data, params, generator):
-                masked = {f"{name}.weight": bn.weight * masks[name] for name, bn in norms}
-                with autocast(x.device):
-                    logits = functional_call(unlearned, masked, (x,))
-                loss = params.alpha * F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(masked_logits(unlearned, masks, x), y)  # no alpha (`rnp.py:179`)
                 watch.observe(loss, progress.epochs)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -160,21 +195,97 @@ def learn_neuron_mask(unlearned: nn.Module, data: MitigationData, params: RNPPar
     return {name: mask.detach() for name, mask in masks.items()}
 
 
+def mask_scores(masks: dict[str, torch.Tensor], params: RNPParams) -> dict[str, torch.Tensor]:
+    """The scores FORK thresholds (float64): each mask written with ``{:.4f}`` and read back, or raw."""
+    if not params.round_scores:
+        return {name: mask.double().cpu() for name, mask in masks.items()}
+    return {name: torch.tensor([float(f"{v:.4f}") for v in mask.double().cpu().tolist()], dtype=torch.float64)
+            for name, mask in masks.items()}
+
+
 @torch.no_grad()
-def prune_low_mask_channels(model: nn.Module, masks: dict[str, torch.Tensor], params: RNPParams
-                            ) -> dict[str, list[int]]:
-    """Zero the BN weight (and, with ``prune_bias``, shift) of channels whose mask is <= the threshold."""
+def prune_below(model: nn.Module, originals: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                scores: dict[str, torch.Tensor], threshold: float | None, params: RNPParams) -> dict[str, list[int]]:
+    """Restore the BN affine parameters, then zero the BN weight (and, with ``prune_bias``, shift) of
+    channels scoring strictly below ``threshold`` (None: prune nothing)."""
     pruned = {}
-    for name, bn in batch_norms(model):
-        if name not in masks:
+    for name, bn in masked_norms(model):
+        weight, bias = originals[name]
+        bn.weight.copy_(weight)
+        if bn.bias is not None:
+            bn.bias.copy_(bias)
+        if threshold is None or name not in scores:
             continue
-        channels = torch.nonzero(masks[name] <= params.prune_threshold).flatten()
+        channels = torch.nonzero(scores[name] < threshold).flatten().to(bn.weight.device)
         bn.weight[channels] = 0
         if params.prune_bias and bn.bias is not None:
             bn.bias[channels] = 0
         if len(channels):
             pruned[name] = channels.tolist()
     return pruned
+
+
+def sweep_threshold(model: nn.Module, scores: dict[str, torch.Tensor], evaluate, params: RNPParams):
+    """FORK's adaptive threshold (`rnp.py:508-531`): from 0, in steps of ``threshold_step`` (added up
+    as floats) while below 1, prune channels scoring below it and measure ``evaluate(model)``; stop at
+    the first accuracy below the unpruned one - ``max_accuracy_drop``. Leaves the model pruned at the
+    last threshold that passed (unpruned if none did) and returns (that threshold or None, the unpruned
+    accuracy, {threshold: accuracy}, pruned channels per layer)."""
+    originals = {name: (bn.weight.detach().clone(), None if bn.bias is None else bn.bias.detach().clone())
+                 for name, bn in masked_norms(model)}
+    initial = evaluate(model)
+    accuracies, chosen, threshold = {}, None, 0.0
+    while threshold < 1.0:
+        prune_below(model, originals, scores, threshold, params)
+        accuracies[round(threshold, 6)] = measured = evaluate(model)
+        if measured < initial - params.max_accuracy_drop:
+            break
+        chosen = threshold
+        threshold += params.threshold_step
+    pruned = prune_below(model, originals, scores, chosen, params)
+    return chosen, initial, accuracies, pruned
+
+
+@torch.no_grad()
+def mitigation_accuracy(model: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator) -> float:
+    """Eval-mode accuracy on the mitigation data, on augmented images with ``augment_accuracy`` (FORK
+    measures it on its training loader)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y in batches(data, 512, generator, augment=params.augment_accuracy):
+        with autocast(x.device):
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+def unlearn_and_recover(model: nn.Module, data: MitigationData, params: RNPParams, generator: torch.Generator,
+                        notes: list[str]):
+    """FORK's tries (`rnp.py:488`): unlearning then recovery from the original weights, retried with
+    the unlearning lr x ``retry_lr_factor`` after a failure. (masks, epochs, accuracy, lr, tries)."""
+    lr = params.unlearn_lr
+    for attempt in range(1, params.max_tries + 1):
+        suffix = "" if attempt == 1 else f" (try {attempt})"
+        unlearned = copy.deepcopy(model)  # the original stays untouched until it is pruned
+        masks = {name: torch.ones(bn.num_features, device=bn.weight.device) for name, bn in masked_norms(unlearned)}
+        try:
+            epochs, unlearned_accuracy = unlearn(unlearned, masks, data, params, generator, lr,
+                                                 "RNP unlearning" + suffix)
+            if not all(torch.isfinite(p).all() for p in [*unlearned.parameters(), *masks.values()]):
+                raise NonFiniteLoss("RNP unlearning produced non-finite weights")
+            if not params.unlearn_masks:
+                masks = {name: torch.ones_like(mask) for name, mask in masks.items()}
+            masks = learn_neuron_mask(unlearned, masks, data, params, generator, "RNP neuron mask" + suffix)
+            return masks, epochs, unlearned_accuracy, lr, attempt
+        except NonFiniteLoss as error:
+            if attempt == params.max_tries:
+                raise
+            notes.append(f"try {attempt} failed ({error}); retried with unlearning lr {lr * params.retry_lr_factor:g}")
+            lr *= params.retry_lr_factor
+        finally:
+            del unlearned
+    raise AssertionError("unreachable")
 
 
 @defense("rnp", "RNP: unlearn, learn a BN-channel mask that recovers clean accuracy, prune low-mask channels",
@@ -189,28 +300,31 @@ def reconstructive_neuron_pruning(model, data, params: RNPParams, device):
         notes.append(f"{len(data)} mitigation images, fewer than batch_size {params.batch_size}: "
                      "every epoch is a single batch of all of them")
     generator = torch.Generator(device="cpu").manual_seed(run_seed())
-    accuracy_before = accuracy(model, data)
-
-    unlearned = copy.deepcopy(model)  # the original stays untouched until it is pruned
-    epochs, unlearned_accuracy = unlearn(unlearned, data, params, generator)
-    if not all(torch.isfinite(p).all() for p in unlearned.parameters()):
-        raise RuntimeError("RNP unlearning produced non-finite weights")
+    masks, epochs, unlearned_accuracy, lr, tries = unlearn_and_recover(model, data, params, generator, notes)
     if unlearned_accuracy > params.clean_threshold:
         notes.append(f"unlearning stopped at unlearn_epochs={epochs} with training accuracy "
                      f"{unlearned_accuracy:.3f} > clean_threshold {params.clean_threshold}")
-    masks = learn_neuron_mask(unlearned, data, params, generator)
-    del unlearned
 
-    pruned = prune_low_mask_channels(model, masks, params)
+    if params.final_bn_eps > 0:  # FORK evaluates and returns a copy built with nn.BatchNorm2d's eps
+        for _, bn in batch_norms(model):
+            bn.eps = params.final_bn_eps
+    threshold, before, accuracies, pruned = sweep_threshold(
+        model, mask_scores(masks, params), lambda m: mitigation_accuracy(m, data, params, generator), params)
+    if threshold is None:
+        notes.append("mitigation accuracy dropped beyond the allowance already at threshold 0: nothing pruned")
     all_masks = torch.cat(list(masks.values()))
     return Defended(model, {
         "pruned_channels": sum(map(len, pruned.values())),
         "bn_channels": len(all_masks),
+        "threshold": None if threshold is None else round(threshold, 6),
+        "unlearn_tries": tries,
+        "unlearn_lr_used": lr,
         "unlearn_epochs_run": epochs,
         "unlearned_train_accuracy": unlearned_accuracy,
         "mask_mean": float(all_masks.mean()),
-        "mitigation_accuracy_before": accuracy_before,
-        "mitigation_accuracy_after": accuracy(model, data),
+        "mitigation_accuracy_before": before,
+        "mitigation_accuracy_after": accuracies.get(round(threshold, 6), before) if threshold is not None else before,
+        "mitigation_accuracy_by_threshold": accuracies,
         "pruned": pruned,
         "notes": notes,
     })
