@@ -16,7 +16,6 @@ import yaml
 from bdsweep.cli import main as bdsweep
 from bdsweep.config import read_config, validate_config
 from bdsweep.cost import (
-    DEFENSE_PASSES,
     MitigationSize,
     Throughput,
     ThroughputError,
@@ -89,7 +88,7 @@ def test_doubling_seeds_doubles_runs_of_data_using_defenses_and_nothing_else(h10
     assert trained == [s for s in after.stages if s.rule.startswith("train")]
 
 
-EPOCH_FIELDS = sorted((name, f.name) for name in DEFENSE_PASSES for f in dataclasses.fields(DEFENSES.get(name).params)
+EPOCH_FIELDS = sorted((name, f.name) for name in DEFENSES.names() for f in dataclasses.fields(DEFENSES.get(name).params)
                       if "epochs" in f.name or f.name in ("rounds", "iterations"))
 
 
@@ -116,16 +115,24 @@ def test_bnp_measures_only_the_loaders_last_batch_as_the_survey_code_keeps_only_
     assert defense_passes("bnp", pooled, gtsrb_spc10) == pytest.approx(3 * 430 * forward)
 
 
-def test_every_implemented_defense_has_a_cost_model():
-    assert {entry.name for entry in DEFENSES.entries() if entry.implemented} <= set(DEFENSE_PASSES)
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_registered_defense_declares_its_passes_in_its_registration(name):
+    declared = DEFENSES.get(name).passes
+    assert declared is not None
+    assert declared(DEFENSES.get(name).params(), MitigationSize(images=100, classes=10)) >= 0
 
 
-def test_an_unknown_defense_falls_back_to_fine_tuning_with_a_warning():
+def test_a_defense_that_declares_no_passes_is_priced_as_fine_tuning_with_a_warning(monkeypatch):
+    from bdsweep.defenses import Defense
+    from bdsweep.registry import Entry
+
     @dataclasses.dataclass(frozen=True)
     class Mine:
         epochs: int = 7
 
-    with pytest.warns(UserWarning, match="no cost model for defense 'mine'"):
+    DEFENSES.entries()
+    monkeypatch.setitem(DEFENSES._entries, "mine", Entry("mine", Defense("mine", None, Mine, "fine-tuning"), "", True))
+    with pytest.warns(UserWarning, match="defense 'mine' declares no passes"):
         assert defense_passes("mine", Mine(), MitigationSize(images=50, classes=10)) == 7 * 50
 
 

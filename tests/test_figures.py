@@ -14,6 +14,7 @@ from bdsweep.tables import TABLES, write
 
 FAMILIES = {"none": "none", "fp": "pruning", "clp": "pruning", "bnp": "pruning", "sau": "fine-tuning",
             "ft": "fine-tuning", "ft-sam": "fine-tuning"}
+FEATURED = {"clp", "bnp", "sau", "ft-sam"}  # as their registrations say (test below)
 
 
 def synthetic_table(seed: int = 0) -> pd.DataFrame:
@@ -27,8 +28,8 @@ def synthetic_table(seed: int = 0) -> pd.DataFrame:
         for spc, seed in [(None, None)] if data_free else itertools.product((2, 10), (0, 1)):
             asr = None if attack == "clean" else float(rng.uniform())
             rows.append({"dataset": dataset, "architecture": arch, "attack": attack, "ratio": ratio, "target": 0,
-                         "defense": defense, "family": FAMILIES[defense], "spc": spc, "seed": seed,
-                         "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
+                         "defense": defense, "family": FAMILIES[defense], "featured": defense in FEATURED,
+                         "spc": spc, "seed": seed, "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
                          "pre_acc": 0.9, "post_acc": float(rng.uniform(0.5, 0.9)),
                          "status": "failed" if rng.uniform() < 0.05 else "ok"})
             rows[-1]["reason"] = "RuntimeError: boom" if rows[-1]["status"] == "failed" else None
@@ -78,3 +79,14 @@ def test_every_summary_table_is_written_as_csv_and_markdown(tmp_path, name):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv"), frame.reset_index(drop=True), check_dtype=False)
     markdown = (tmp_path / "t.md").read_text().splitlines()
     assert markdown[0] == TABLES[name].caption and markdown[2].startswith("| ") and len(markdown) == len(frame) + 4
+
+
+def test_the_featured_figures_show_exactly_the_defenses_registered_as_featured(tmp_path):
+    from bdsweep.figures import facet_boxplots
+    from bdsweep.registry import DEFENSES
+
+    assert {name for name in FAMILIES if DEFENSES.get(name).featured} == FEATURED
+    fig = facet_boxplots(synthetic_table(), "attack", featured_only=True)
+    labels = {tick.get_text().lower() for tick in fig.axes[-1].get_xticklabels()}
+    assert labels and all(any(name in label for name in FEATURED) for label in labels)
+    assert not any(label.startswith(("fp", "ft ")) or label == "ft" for label in labels)

@@ -29,7 +29,6 @@ import dataclasses
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +40,10 @@ from .data.sources import Sizes as DatasetFacts
 from .engine import Recipe
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
 from .params import resolve
+from .passes import FORWARD, MitigationSize
 from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
 
 DEFAULT_THROUGHPUT = Path(__file__).with_name("throughput.yaml")
-FORWARD = 1 / 3  # a forward pass without backward, in passes
 FALLBACK_EPOCHS = 100  # an unknown defense is priced as this many fine-tuning epochs (or its own `epochs`)
 
 
@@ -69,115 +68,17 @@ def dataset_facts(options: dict) -> DatasetFacts:
 # ---------------------------------------------------------------------------------------------- defenses
 
 
-@dataclass(frozen=True)
-class MitigationSize:
-    images: int  # SPC x classes (0 for data-free defenses)
-    classes: int
-
-    @property
-    def fit(self) -> int:
-        """Images left for fitting after a held-out split of one image per class (FP, ANP)."""
-        return self.images - self.classes if self.images > self.classes else self.images
-
-
-def _epochs_times(n: Callable[[MitigationSize], int], *epoch_fields: str, per_image: float = 1.0):
-    """Passes = (sum of the named epoch fields) x images x per_image."""
-    return lambda p, m: sum(getattr(p, name) for name in epoch_fields) * n(m) * per_image
-
-
-def _images(m: MitigationSize) -> int:
-    return m.images
-
-
-def _fp(p, m):
-    activations, pruning_checks = m.images * FORWARD, round(1 / p.step) * m.classes * FORWARD
-    return activations + pruning_checks + p.epochs * m.fit
-
-
-def _bnp(p, m):  # the statistics batch (FORK: the loader's last batch only), then accuracy before and after
-    measured = m.images if p.statistics == "all" else (m.images - 1) % p.loader_batch + 1 if m.images else 0
-    return (measured + 2 * m.images) * FORWARD
-
-
-def _anp(p, m):  # every batch holds batch_size images, drawn with replacement, whatever the data's size
-    thresholds = int(p.pruning_max / p.pruning_step) + 1
-    return p.iterations * p.batch_size * (p.steps + 2) + thresholds * m.classes * FORWARD
-
-
-def _awm(p, m):  # trigger search: a forward without and one with gradient; mask: clean + triggered
-    return p.epochs * p.inner * m.images * ((1 + FORWARD) + 2)
-
-
-def _rnp(p, m):  # unlearning at its maximum, recovery, then one forward per swept threshold (all of them)
-    thresholds = math.ceil(1 / p.threshold_step) + 1
-    return (p.unlearn_epochs + p.recover_epochs) * m.images + thresholds * m.images * FORWARD
-
-
-def _mmbd(p, m):  # passes for the layer maxima, the initial and the final accuracy, then per batch the
-    # unbounded reference's forward and the bounded model's step
-    return 3 * m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
-
-
-def _npd(p, m):  # per step: the PGD steps, then the clean and adversarial batches
-    return p.warmup_epochs * m.images + p.epochs * m.images * (p.inner_steps + 2)
-
-
-def _nad(p, m):  # teacher fine-tuning, then student steps with a teacher forward each
-    return p.teacher_epochs * m.images + p.epochs * m.images * (1 + FORWARD)
-
-
-def _nc(p, m):  # every class's trigger on every image, each epoch; unlearning counted as if flagged
-    return p.epochs * m.classes * m.images + p.unlearn_epochs * m.images
-
-
-def _pbe(p, m):  # an adversarial pass costs the PGD steps and the step; FORK: 20 of them and 20 clean passes
-    adversarial = sum(p.passes())
-    return adversarial * m.images * (p.pgd_steps + 1) + (len(p.passes()) - adversarial) * m.images
-
-
-def _ibau(p, m):  # per round: perturbation search (a step between two predictions), then the
-    # hypergradient: the outer gradient, K vector-Jacobian products and the cross term, 2 passes each
-    search = 1 + 2 * FORWARD
-    hypergradient = 1 + 2 * (p.fixed_point_iterations + 1)
-    return p.rounds * m.images * (search + hypergradient)
-
-
-def _sau(p, m):  # per step: clean predictions of both models, PGD through both, the reference on
-    # clean and adversarial images, then the training step and the adversarial forward and backward
-    return p.rounds * m.images * (2 * FORWARD + 2 * p.adv_steps + 2 * FORWARD + 2)
-
-
-# Passes one run of each defense makes, from its resolved hyperparameters and mitigation size.
-DEFENSE_PASSES: dict[str, Callable[[object, MitigationSize], float]] = {
-    "none": lambda p, m: 0.0,
-    "clp": lambda p, m: 0.0,  # weights only
-    "bnp": _bnp,
-    "fp": _fp,
-    "anp": _anp,
-    "awm": _awm,
-    "rnp": _rnp,
-    "mm-bd": _mmbd,
-    "npd": _npd,
-    "ft": _epochs_times(_images, "epochs"),
-    "fst": _epochs_times(_images, "epochs"),
-    "ft-sam": _epochs_times(_images, "epochs", per_image=2.0),  # a second pass at the perturbed weights
-    "nad": _nad,
-    "nc": _nc,
-    "pbe": _pbe,
-    "i-bau": _ibau,
-    "sau": _sau,
-}
-
-
 def defense_passes(name: str, params, mitigation: MitigationSize, warned: set[str] | None = None) -> float:
-    """Passes of one run. A defense without an entry in DEFENSE_PASSES is priced as fine-tuning for
-    its own ``epochs`` (else FALLBACK_EPOCHS) over its data, with a warning (once per name)."""
-    if name in DEFENSE_PASSES:
-        return DEFENSE_PASSES[name](params, mitigation)
+    """Passes of one run, as the defense declares them (``@defense(..., passes=...)``). One that
+    declares none is priced as fine-tuning for its own ``epochs`` (else FALLBACK_EPOCHS) over its
+    data, with a warning (once per name)."""
+    declared = DEFENSES.get(name).passes
+    if declared is not None:
+        return declared(params, mitigation)
     epochs = getattr(params, "epochs", FALLBACK_EPOCHS)
     if warned is None or name not in warned:
-        warnings.warn(f"cost: no cost model for defense {name!r}: priced as {epochs} fine-tuning epochs over its "
-                      "mitigation data (add it to bdsweep.cost.DEFENSE_PASSES)", stacklevel=2)
+        warnings.warn(f"cost: defense {name!r} declares no passes: priced as {epochs} fine-tuning epochs over its "
+                      "mitigation data (give its @defense registration passes=, see bdsweep.passes)", stacklevel=2)
         if warned is not None:
             warned.add(name)
     return epochs * mitigation.images

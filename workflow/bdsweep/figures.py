@@ -31,7 +31,6 @@ FAMILY_MARK = {"pruning": "\u2020", "fine-tuning": "\u2666", "none": ""}  # the 
 BASELINE_STYLE = {"pruning": ("tab:blue", "--"), "fine-tuning": ("tab:red", ":")}
 PANELS = (("post_asr", "ASR"), ("rdr", "RDR"), ("arr", "ARR"))
 # The approaches section VI-C discusses (the best of each family); the supplementary figures show all.
-SELECTED = ("bnp", "clp", "anp", "npd", "ft-sam", "nad", "pbe", "sau")
 
 
 @dataclass(frozen=True)
@@ -211,16 +210,19 @@ def facet_levels(runs: pd.DataFrame, facet: str) -> tuple[pd.Series, list]:
     return values, [v for v in known if v in present] + sorted(present - set(known))
 
 
-def facet_boxplots(table: pd.DataFrame, facet: str, defenses: tuple[str, ...] | None) -> plt.Figure:
+def facet_boxplots(table: pd.DataFrame, facet: str, featured_only: bool) -> plt.Figure:
     """A row per measure; along it, a group of boxes per defense, one box per facet level. Box
-    statistics are computed once per group and drawn in one call per row (fast at 122k runs)."""
+    statistics are computed once per group and drawn in one call per row (fast at 122k runs).
+    ``featured_only``: the defenses the survey discusses (the table's ``featured`` column, which
+    each defense's registration sets)."""
     runs = successful_runs(table)
-    if defenses is not None:
-        runs = runs[runs["defense"].isin(defenses)]
+    if featured_only:
+        runs = runs[runs["featured"].fillna(False).astype(bool)] if "featured" in runs.columns else runs.iloc[:0]
     name = FACETS[facet][0]
     if runs.empty:
         fig, axes = plt.subplots(len(PANELS), 1, figsize=(8, 8.5))
-        axes[0].text(0.5, 0.5, f"no successful runs of {', '.join(defenses or ())}", ha="center", va="center")
+        which = "featured defenses" if featured_only else "defenses"
+        axes[0].text(0.5, 0.5, f"no successful runs of {which}", ha="center", va="center")
         return fig
     values, levels = facet_levels(runs, facet)
     runs = runs.assign(level=values)
@@ -258,10 +260,10 @@ def facet_boxplots(table: pd.DataFrame, facet: str, defenses: tuple[str, ...] | 
 for _facet, _number in FACET_FIGURES.items():
     _name = FACETS[_facet][0]
     figure(f"fig{_number}_{_facet}", f"Fig. {_number}: box plots of ASR, RDR and ARR of the defenses the survey "
-           f"discusses ({', '.join(d.upper() for d in SELECTED)}) per {_name}.",
-           facet=_facet, defenses=SELECTED)(facet_boxplots)
+           f"discusses (those whose registration marks them featured) per {_name}.",
+           facet=_facet, featured_only=True)(facet_boxplots)
     figure(f"supp{_number}_{_facet}", f"Supplementary Fig. {_number}: box plots of ASR, RDR and ARR of every "
-           f"defense per {_name}.", facet=_facet, defenses=None)(facet_boxplots)
+           f"defense per {_name}.", facet=_facet, featured_only=False)(facet_boxplots)
 
 
 def draw(name: str, table: pd.DataFrame, png: str | os.PathLike, pdf: str | os.PathLike) -> None:

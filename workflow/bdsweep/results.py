@@ -5,7 +5,8 @@ Parquet table with one row per run. Table columns:
 
 - schema_version: of the run file (``SCHEMA_VERSION``); files of another version are refused
 - grid coordinates: dataset, architecture, attack, ratio, effective_ratio, target, defense,
-  family, spc, seed (spc/seed are null for defenses that use no data)
+  family, featured (one of the defenses the survey discusses), spc, seed (spc/seed are null for defenses
+  that use no data)
 - pre_acc, pre_asr, pre_ra: the backdoored model before defense; post_acc, post_asr, post_ra:
   after (null when the run failed); arr, rdr: attack-removal metrics (see ``bdsweep.metrics``)
 - status ("ok" or "failed"), reason (why it failed), wall_time_s, peak_memory_bytes,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine import Normalisation
+from ..passes import PassCount
 from ..registry import DEFENSES
 
 FAMILIES = ("none", "pruning", "fine-tuning")
@@ -73,20 +74,26 @@ class Defended:
 
 @dataclass(frozen=True)
 class Defense:
+    """Everything bdsweep knows about a defense, declared where it is implemented."""
+
     name: str
     run: Callable[[nn.Module, MitigationData, object, torch.device], nn.Module | Defended]
     params: type
-    family: str
-    needs_data: bool = True
+    family: str  # "none", "pruning" or "fine-tuning" (the survey's grouping; a column of the results)
+    needs_data: bool = True  # False: one run per model, without mitigation data (CLP, none)
+    passes: PassCount | None = None  # work of one run, for `bdsweep cost` (bdsweep.passes)
+    featured: bool = False  # one of the defenses the survey's section VI discusses (figures' selection)
 
 
-def defense(name: str, description: str, params: type, family: str, needs_data: bool = True):
-    """Register ``run(model, data, params, device)`` as the defense ``name``."""
+def defense(name: str, description: str, params: type, family: str, needs_data: bool = True,
+            passes: PassCount | None = None, featured: bool = False):
+    """Register ``run(model, data, params, device)`` as the defense ``name``, with the facts planning
+    and the figures use: its ``passes`` per run and whether the survey ``featured`` it."""
     if family not in FAMILIES:
         raise ValueError(f"defense {name!r}: family must be one of {FAMILIES}")
 
     def decorate(run):
-        DEFENSES.register(name, description)(Defense(name, run, params, family, needs_data))
+        DEFENSES.register(name, description)(Defense(name, run, params, family, needs_data, passes, featured))
         return run
 
     return decorate

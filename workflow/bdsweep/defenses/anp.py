@@ -52,6 +52,7 @@ from torch.func import functional_call
 from ..engine import LossWatch, augment_batch, autocast
 from ..models import batch_norms
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches, split_held_out
@@ -254,7 +255,14 @@ def choose_threshold(masks: NeuronMasks, held_out, params: ANPParams, scores: to
     return (None if chosen is None else round(chosen, 6)), base, after, accuracies
 
 
-@defense("anp", "ANP: adversarial neuron perturbation + mask pruning", ANPParams, family="pruning")
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: every batch holds batch_size images, drawn with replacement, whatever the data's size."""
+    thresholds = int(p.pruning_max / p.pruning_step) + 1
+    return p.iterations * p.batch_size * (p.steps + 2) + thresholds * m.classes * FORWARD
+
+
+@defense("anp", "ANP: adversarial neuron perturbation + mask pruning", ANPParams,
+         family="pruning", passes=passes_per_run, featured=True)
 def adversarial_neuron_pruning(model, data, params: ANPParams, device):
     model = model.to(device)
     generator = torch.Generator(device="cpu").manual_seed(run_seed())

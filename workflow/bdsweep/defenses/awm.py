@@ -37,6 +37,7 @@ from torch.func import functional_call
 from ..engine import LossWatch, autocast
 from ..models import batch_norms
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches
@@ -201,8 +202,13 @@ def apply_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         norms[name].weight.mul_(mask)
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: trigger search: a forward without and one with gradient; mask: clean + triggered."""
+    return p.epochs * p.inner * m.images * ((1 + FORWARD) + 2)
+
+
 @defense("awm", "AWM (the survey's AWN): soft BN-neuron masks trained against a recovered universal trigger",
-         AWMParams, family="pruning")
+         AWMParams, family="pruning", passes=passes_per_run)
 def adversarial_weight_masking(model, data: MitigationData, params: AWMParams, device):
     if len(data) == 0:
         raise ValueError("AWM needs mitigation data, got none")

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..models import batch_norms
+from ..passes import FORWARD, MitigationSize
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, subset
 
@@ -152,7 +153,15 @@ def channel_kl(bn: nn.BatchNorm2d, moments: ChannelMoments, exact: bool = True) 
     return fork_kl(moments.mean, nonzero(data_var), running_mean, nonzero(running_var))
 
 
-@defense("bnp", "BNP: prune BN channels whose statistics shift on clean data", BNPParams, family="pruning")
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: the statistics batch (FORK: the loader's last batch only), then accuracy before and
+    after."""
+    measured = m.images if p.statistics == "all" else (m.images - 1) % p.loader_batch + 1 if m.images else 0
+    return (measured + 2 * m.images) * FORWARD
+
+
+@defense("bnp", "BNP: prune BN channels whose statistics shift on clean data", BNPParams,
+         family="pruning", passes=passes_per_run, featured=True)
 @torch.no_grad()
 def batch_norm_pruning(model, data, params: BNPParams, device):
     model = model.to(device)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import conv_bn_pairs
+from ..passes import no_passes
 from . import Defended, defense
 
 
@@ -48,7 +49,7 @@ def channel_lipschitz(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, bn_eps: b
 
 
 @defense("clp", "CLP: data-free pruning of channels with a high Lipschitz upper bound", CLPParams,
-         family="pruning", needs_data=False)
+         family="pruning", needs_data=False, passes=no_passes, featured=True)
 @torch.no_grad()
 def channel_lipschitz_pruning(model, data, params: CLPParams, device):
     model = model.to(device)

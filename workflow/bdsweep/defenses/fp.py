@@ -42,6 +42,7 @@ from torch.nn.utils import prune
 
 from ..engine import SCHEDULES, Recipe, train
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, split_held_out
 
@@ -173,8 +174,14 @@ def prune_levels(model: nn.Module, linear: nn.Linear, order: torch.Tensor, held_
     return masked, trail
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run."""
+    activations, pruning_checks = m.images * FORWARD, round(1 / p.step) * m.classes * FORWARD
+    return activations + pruning_checks + p.epochs * m.fit
+
+
 @defense("fp", "FP: fine-pruning of the lowest-activation inputs of the first linear layer", FPParams,
-         family="pruning")
+         family="pruning", passes=passes_per_run)
 def fine_pruning(model, data, params: FPParams, device):
     model = model.to(device)
     generator = torch.Generator().manual_seed(run_seed())

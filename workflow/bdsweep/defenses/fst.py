@@ -38,6 +38,7 @@ from torch import nn
 
 from ..engine import BatchHook, Recipe, train
 from ..params import check_ranges
+from ..passes import epochs_over_images
 from . import Defended, defense, run_seed
 from .support import batching_notes, untrainable
 
@@ -134,7 +135,7 @@ class FeatureShift(BatchHook):
 
 
 @defense("fst", "FST: re-initialise the head, fine-tune all weights away from the original head (norm-tied)",
-         FSTParams, family="fine-tuning")
+         FSTParams, family="fine-tuning", passes=epochs_over_images("epochs"))
 def feature_shift_tuning(model, data, params: FSTParams, device):
     model = model.to(device)
     if (unchanged := untrainable("FST", model, data)) is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import Recipe, train
+from ..passes import epochs_over_images
 from . import defense, run_seed
 
 
@@ -16,7 +17,8 @@ class FTParams(Recipe):
     batch_size: int = 256  # FORK config/defense/ft/default.yaml:15 (the engine's recipe default is 128)
 
 
-@defense("ft", "FT: fine-tune the whole model on the mitigation data", FTParams, family="fine-tuning")
+@defense("ft", "FT: fine-tune the whole model on the mitigation data", FTParams,
+         family="fine-tuning", passes=epochs_over_images("epochs"))
 def fine_tune(model, data, params: FTParams, device):
     train(model.to(device), data.images, data.labels, params, data.normalisation, run_seed(), description="FT")
     return model

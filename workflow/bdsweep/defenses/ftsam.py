@@ -45,6 +45,7 @@ from torch import nn
 
 from ..engine import SCHEDULES, BatchHook, Recipe, autocast, train
 from ..params import check_ranges
+from ..passes import epochs_over_images
 from . import Defended, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 
@@ -152,7 +153,7 @@ class SharpnessAwareStep(BatchHook):
 
 
 @defense("ft-sam", "FT-SAM: fine-tune the whole model with adaptive sharpness-aware minimisation", FTSAMParams,
-         family="fine-tuning")
+         family="fine-tuning", passes=epochs_over_images("epochs", per_image=2.0), featured=True)
 def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
     model = model.to(device)
     if (unchanged := untrainable("FT-SAM", model, data)) is not None:

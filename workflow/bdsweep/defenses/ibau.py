@@ -57,6 +57,7 @@ from torch import nn
 
 from ..engine import LossWatch, autocast
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
@@ -225,8 +226,16 @@ class Progress:
         self.delta_norms, self.fooled_shares, self.outer_losses, self.counts = [], [], [], []
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: per round: perturbation search (a step between two predictions), then the
+    hypergradient: the outer gradient, K vector-Jacobian products and the cross term, 2 passes each."""
+    search = 1 + 2 * FORWARD
+    hypergradient = 1 + 2 * (p.fixed_point_iterations + 1)
+    return p.rounds * m.images * (search + hypergradient)
+
+
 @defense("i-bau", "i-BAU: adversarial unlearning of a universal perturbation via implicit hypergradients",
-         IBAUParams, family="fine-tuning")
+         IBAUParams, family="fine-tuning", passes=passes_per_run)
 def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, device):
     model = model.to(device).eval()  # eval throughout, as the reference: BN statistics stay fixed
     n, notes = len(data), []

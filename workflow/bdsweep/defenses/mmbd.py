@@ -49,6 +49,7 @@ from torch import nn
 from ..engine import LossWatch, augment_batch
 from ..models import insert_after
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy
@@ -190,8 +191,14 @@ def update_lambda(lam: float, epoch: int, train_accuracy: float, initial_accurac
     return lam / params.lambda_factor
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: passes for the layer maxima, the initial and the final accuracy, then per batch the
+    unbounded reference's forward and the bounded model's step."""
+    return 3 * m.images * FORWARD + p.epochs * m.images * (1 + FORWARD)
+
+
 @defense("mm-bd", "MM-BD: learned per-channel activation upper bounds (margin limiting)", MMBDParams,
-         family="pruning")
+         family="pruning", passes=passes_per_run)
 def mm_bd(model, data, params: MMBDParams, device):
     model = model.to(device).eval()
     notes = []

@@ -48,6 +48,7 @@ from torch import nn
 
 from ..engine import BatchHook, Recipe, autocast, train
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches, batching_notes, layer_outputs, untrainable
 
@@ -166,8 +167,13 @@ def attention_gaps(student: nn.Module, teacher: nn.Module, data: MitigationData,
     return {name: total / len(data) for name, total in totals.items()}
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: teacher fine-tuning, then student steps with a teacher forward each."""
+    return p.teacher_epochs * m.images + p.epochs * m.images * (1 + FORWARD)
+
+
 @defense("nad", "NAD: distil a fine-tuned teacher's attention maps into the backdoored model", NADParams,
-         family="fine-tuning")
+         family="fine-tuning", passes=passes_per_run, featured=True)
 def neural_attention_distillation(model, data, params: NADParams, device):
     model = model.to(device)
     if (unchanged := untrainable("NAD", model, data)) is not None:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from ..engine import BatchHook, LossWatch, Recipe, autocast, train
 from ..params import check_ranges
+from ..passes import MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
@@ -299,8 +300,13 @@ class StampReversedTriggers(BatchHook):
         return images, labels, None
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: every class's trigger on every image, each epoch; unlearning counted as if flagged."""
+    return p.epochs * m.classes * m.images + p.unlearn_epochs * m.images
+
+
 @defense("nc", "NC: reverse-engineer a trigger per class, flag small-trigger outliers (MAD), unlearn them",
-         NCParams, family="fine-tuning")
+         NCParams, family="fine-tuning", passes=passes_per_run)
 def neural_cleanse(model, data, params: NCParams, device):
     model = model.to(device).eval()
     n, notes = len(data), []

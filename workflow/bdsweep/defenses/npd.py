@@ -34,6 +34,7 @@ from torch import nn
 
 from ..engine import LossWatch, autocast
 from ..models import insert_after
+from ..passes import MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches
@@ -135,8 +136,13 @@ class Progress:
         self.epoch = self.hit_target = self.hit_label = self.seen = 0
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: per step: the PGD steps, then the clean and adversarial batches."""
+    return p.warmup_epochs * m.images + p.epochs * m.images * (p.inner_steps + 2)
+
+
 @defense("npd", "NPD: train an inserted 1x1 conv+BN polarizer against targeted L2 perturbations", NPDParams,
-         family="pruning")
+         family="pruning", passes=passes_per_run, featured=True)
 def neural_polarizer(model, data, params: NPDParams, device):
     model = model.to(device).eval()  # everything, the polarizer's BN included, stays in eval mode
     polarizer = insert_polarizer(model)

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..engine import BatchHook, Recipe, augment_batch, batch_count, train
 from ..params import check_ranges
+from ..passes import MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 
@@ -185,8 +186,15 @@ class AdversarialFineTuning(BatchHook):
         self.batch_in_pass = 0
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: an adversarial pass costs the PGD steps and the step; FORK: 20 of them and 20 clean
+    passes."""
+    adversarial = sum(p.passes())
+    return adversarial * m.images * (p.pgd_steps + 1) + (len(p.passes()) - adversarial) * m.images
+
+
 @defense("pbe", "PBE: every epoch a pass on untargeted PGD examples with their true labels, then a clean pass",
-         PBEParams, family="fine-tuning")
+         PBEParams, family="fine-tuning", passes=passes_per_run, featured=True)
 def progressive_backdoor_erasing(model, data, params: PBEParams, device):
     model = model.to(device)
     if (unchanged := untrainable("PBE", model, data)) is not None:

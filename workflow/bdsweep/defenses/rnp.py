@@ -40,6 +40,7 @@ unlearning that never reaches ``clean_threshold`` and retries are recorded in ``
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ from torch.func import functional_call
 from ..engine import LossWatch, NonFiniteLoss, autocast
 from ..models import batch_norms
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches
@@ -288,8 +290,15 @@ def unlearn_and_recover(model: nn.Module, data: MitigationData, params: RNPParam
     raise AssertionError("unreachable")
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: unlearning at its maximum, recovery, then one forward per swept threshold (all of
+    them)."""
+    thresholds = math.ceil(1 / p.threshold_step) + 1
+    return (p.unlearn_epochs + p.recover_epochs) * m.images + thresholds * m.images * FORWARD
+
+
 @defense("rnp", "RNP: unlearn, learn a BN-channel mask that recovers clean accuracy, prune low-mask channels",
-         RNPParams, family="pruning")
+         RNPParams, family="pruning", passes=passes_per_run)
 def reconstructive_neuron_pruning(model, data, params: RNPParams, device):
     model = model.to(device)
     notes = []

@@ -43,6 +43,7 @@ from torch import nn
 
 from ..engine import BatchHook, Recipe, augment_batch, train
 from ..params import check_ranges
+from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 
@@ -181,8 +182,14 @@ class SharedAdversarialUnlearning(BatchHook):
         self.stats = None
 
 
+def passes_per_run(p, m: MitigationSize) -> float:
+    """Passes of one run: per step: clean predictions of both models, PGD through both, the reference on clean
+    and adversarial images, then the training step and the adversarial forward and backward."""
+    return p.rounds * m.images * (2 * FORWARD + 2 * p.adv_steps + 2 * FORWARD + 2)
+
+
 @defense("sau", "SAU: unlearn adversarial examples shared by the model and its frozen original", SAUParams,
-         family="fine-tuning")
+         family="fine-tuning", passes=passes_per_run, featured=True)
 def shared_adversarial_unlearning(model, data, params: SAUParams, device):
     model = model.to(device)
     if (unchanged := untrainable("SAU", model, data)) is not None:

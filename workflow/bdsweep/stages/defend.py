@@ -246,6 +246,7 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
         **run.coordinates,
         "defense": run.defense,
         "family": defense.family,
+        "featured": defense.featured,
         "target": model_record["target"],
         "effective_ratio": model_record["effective_ratio"],
         "hyperparameters": hyperparameters,
