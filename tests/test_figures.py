@@ -29,7 +29,8 @@ def synthetic_table(seed: int = 0) -> pd.DataFrame:
             asr = None if attack == "clean" else float(rng.uniform())
             rows.append({"dataset": dataset, "architecture": arch, "attack": attack, "ratio": ratio, "target": 0,
                          "defense": defense, "family": FAMILIES[defense], "featured": defense in FEATURED,
-                         "spc": spc, "seed": seed, "post_asr": asr, "rdr": float(rng.uniform()), "arr": float(rng.uniform(-0.1, 0.5)),
+                         "spc": spc, "seed": seed, "post_asr": asr, "rdr": float(rng.uniform()),
+                         "arr": float(rng.uniform(-0.1, 0.5)),
                          "pre_acc": 0.9, "post_acc": float(rng.uniform(0.5, 0.9)),
                          "status": "failed" if rng.uniform() < 0.05 else "ok"})
             rows[-1]["reason"] = "RuntimeError: boom" if rows[-1]["status"] == "failed" else None
