@@ -3,6 +3,7 @@ a small backdoored model trained once per session."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))  # importable without installation too
 
-SHARED = REPO.parent / "shared"
+# BDSWEEP_SHARED points a worktree that is not beside ../shared at the shared folder.
+SHARED = Path(os.environ.get("BDSWEEP_SHARED") or REPO.parent / "shared")
 SHARED_DATASETS = SHARED / "datasets"
 SHARED_RESOURCES = SHARED / "resources"
 
