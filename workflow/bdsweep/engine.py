@@ -81,9 +81,15 @@ def to_unit(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float NCHW in [0, 1] -> uint8 NHWC, rounded to the nearest pixel value."""
-    return images.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def to_uint8(images: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """Float NCHW in [0, 1] -> uint8 NHWC: rounded to the nearest pixel value, or with
+    ``rounding="truncate"`` truncated as torchvision's ``ToPILImage`` (``mul(255).byte()``) does."""
+    scaled = images.detach().mul(255.0)
+    if rounding == "round":
+        scaled = scaled.round_()
+    elif rounding != "truncate":
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    return scaled.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @functools.cache

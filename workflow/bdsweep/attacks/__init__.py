@@ -27,6 +27,9 @@ from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
+# How a trigger's float result becomes uint8: "truncate" (the survey's toolkit: numpy astype / PIL's
+# ToPILImage, i.e. floor for non-negative values) or "round" (to the nearest value).
+ROUNDINGS = ("truncate", "round")
 META = "meta"  # a resource's optional JSON metadata entry (e.g. SSBA's PSNR and bit accuracy)
 
 
@@ -103,6 +106,8 @@ class TrainingHook(BatchHook):
     ``trigger``; they count what they poison through :meth:`split` so the effective ratio is
     measured, not assumed."""
 
+    rounding = "round"  # how the backdoor test set becomes uint8 (see ROUNDINGS); hooks take it from their params
+
     def __init__(self, context: HookContext):
         self.context = context
         self.seen = 0
@@ -113,10 +118,14 @@ class TrainingHook(BatchHook):
         from the front of the (already shuffled) batch among images outside the reserved pool.
         The first share is the poisoned one and is counted; counts are int(share * batch size),
         as the attacks' own code computes them."""
+        return self.split_counts(indices, *(int(share * len(indices)) for share in shares))
+
+    def split_counts(self, indices: torch.Tensor, *counts: int) -> list[torch.Tensor]:
+        """:meth:`split` with the number of images of each part given (at most what is eligible)."""
         eligible = torch.nonzero(self.context.poisonable[indices]).flatten()
         positions, start = [], 0
-        for share in shares:
-            count = min(int(share * len(indices)), len(eligible) - start)
+        for wanted in counts:
+            count = min(wanted, len(eligible) - start)
             positions.append(eligible[start:start + count])
             start += count
         self.seen += len(indices)
@@ -166,12 +175,13 @@ def is_training_time(attack) -> bool:
 
 @torch.no_grad()
 def apply_in_batches(images: np.ndarray, function: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                     batch_size: int = 512) -> np.ndarray:
-    """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array."""
+                     batch_size: int = 512, rounding: str = "round") -> np.ndarray:
+    """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array
+    (``rounding``: see :data:`ROUNDINGS`)."""
     out = np.empty_like(images)
     for start in range(0, len(images), batch_size):
         batch = to_unit(as_tensor(np.asarray(images[start:start + batch_size]), device))
-        out[start:start + batch_size] = to_uint8(function(batch)).cpu().numpy()
+        out[start:start + batch_size] = to_uint8(function(batch), rounding).cpu().numpy()
     return out
 
 
@@ -197,6 +207,7 @@ def scaled(size: int, image_size: int, reference: int = 32) -> int:
     return max(1, round(size * image_size / reference))
 
 
-__all__ = ["Resource", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack", "data_poisoning",
+__all__ = ["Resource", "ROUNDINGS", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack",
+           "data_poisoning",
            "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
            "in_chunks", "add_offset", "scaled"]

@@ -2,7 +2,11 @@
 ``squeeze`` levels (8: x' = round(x (q - 1)) / (q - 1)), without dithering. Per batch, a share
 ``ratio`` of images is quantised and relabelled to the target; a share ``negative_ratio`` become
 negative samples that keep their labels: the image plus the quantisation residual of another,
-random training image (clipped), so the model keys on quantisation, not on any small change."""
+random training image (clipped), so the model keys on quantisation, not on any small change.
+
+The backdoor test set stores the quantised images as the toolkit does (FORK ``attack/bpp.py``, its
+test-set loop, then ``ToPILImage``): levels k/7 * 255 truncated to uint8 (0, 36, 72, 109, 145, 182,
+218, 255) with ``rounding: "truncate"``; ``"round"`` gives the nearest values (73, 146, 219 ...)."""
 
 from __future__ import annotations
 
@@ -11,15 +15,18 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import to_unit
-from . import HookContext, TrainingHook, training_time
+from . import ROUNDINGS, HookContext, TrainingHook, training_time
 
 
 @dataclass(frozen=True)
 class BPPParams:
     squeeze: int = 8  # colour levels per channel
     negative_ratio: float = 0.1  # share of each batch made negative samples
+    rounding: str = "truncate"  # backdoor test images: "truncate" as the toolkit, or "round"
 
     def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.squeeze < 2:
             raise ValueError(f"squeeze must be at least 2 levels, got {self.squeeze}")
         if not 0 <= self.negative_ratio < 1:
@@ -50,6 +57,10 @@ class BPPHook(TrainingHook):
             residual = quantise(donor, self.params.squeeze) - donor
             images[negative] = (images[negative] + residual).clamp(0, 1)
         return images, labels, None
+
+    @property
+    def rounding(self) -> str:
+        return self.params.rounding
 
     def trigger(self, images):
         return quantise(images, self.params.squeeze)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..engine import autocast, to_unit
 from ..params import check_ranges
-from . import HookContext, TrainingHook, training_time
+from . import ROUNDINGS, HookContext, TrainingHook, training_time
 
 EPSILON = 1e-7
 
@@ -39,9 +39,12 @@ class IABParams:
     # Per-epoch factor on the pattern generator's learning rate; 1 keeps it constant, as the toolkit does
     # (its first drop is at epoch 200).
     generator_decay: float = 1.0
+    # Backdoor test images: "truncate" to uint8 as the toolkit stores them (ToPILImage), or "round".
+    rounding: str = "truncate"
 
     def __post_init__(self):
         checks = {
+            "rounding": self.rounding in ROUNDINGS,
             "mask_epochs": self.mask_epochs >= 0,
             "lr": self.lr > 0,
             "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -194,6 +197,10 @@ class IABHook(TrainingHook):
 
     def end_epoch(self) -> None:
         self.scheduler.step()
+
+    @property
+    def rounding(self) -> str:
+        return self.params.rounding
 
     @torch.no_grad()
     def trigger(self, images: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,8 @@ def main(args):
     if hook is not None:
         test_indices = backdoor_test_indices(data.y_test, args.target)
         poison = {"test_indices": test_indices,
-                  "test_images": apply_in_batches(np.asarray(data.x_test[test_indices]), hook.trigger, device)}
+                  "test_images": apply_in_batches(np.asarray(data.x_test[test_indices]), hook.trigger, device,
+                                                  rounding=hook.rounding)}
         write_npz(args.out_backdoor, **poison, **{f"trigger.{k}": v for k, v in hook.state().items()})
     metrics = evaluate_model(model, data, poison, args.target, device)
 
