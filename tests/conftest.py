@@ -25,6 +25,34 @@ def requires_shared(path: Path):
                               "reference resources live in ../shared, which this checkout does not have)")
 
 
+# The paper preset's Blended key image, relative to the working directory (bdsweep does not ship it).
+PAPER_BLENDED_IMAGE = Path("data") / "blended" / "hello_kitty.jpeg"
+
+
+def place_paper_blended_image(workdir: Path) -> Path:
+    """Put the paper preset's Blended key image under ``workdir``: the toolkit's from ../shared when
+    present, else a stand-in JPEG (validating and planning only check that the file exists)."""
+    import shutil
+
+    from PIL import Image
+
+    path = workdir / PAPER_BLENDED_IMAGE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if (SHARED_RESOURCES / "blended" / "hello_kitty.jpeg").exists():
+        shutil.copyfile(SHARED_RESOURCES / "blended" / "hello_kitty.jpeg", path)
+    else:
+        Image.new("RGB", (8, 8), (255, 128, 0)).save(path)
+    return path
+
+
+@pytest.fixture
+def paper_workdir(tmp_path, monkeypatch):
+    """A working directory (the current one during the test) in which the paper preset validates."""
+    place_paper_blended_image(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny tensors: one intra-op thread is faster, and far steadier on a busy machine."""

@@ -118,7 +118,7 @@ def test_an_unknown_defense_falls_back_to_fine_tuning_with_a_warning():
         assert defense_passes("mine", Mine(), MitigationSize(images=50, classes=10)) == 7 * 50
 
 
-def test_the_paper_preset_prints_its_129600_runs(capsys):
+def test_the_paper_preset_prints_its_129600_runs(capsys, paper_workdir):
     assert bdsweep(["cost", str(PAPER), "--device", "h100"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^\s+defense runs\s+runs\s+129,600\s", printed, re.MULTILINE)

@@ -22,6 +22,12 @@ import numpy as np
 
 from . import ROUNDINGS, Resource, ResourceContext, data_poisoning, in_chunks
 
+# The survey's key image is not ours to ship (CC BY-NC 4.0); where to get it.
+WHERE_TO_GET_IT = ("The survey's Blended key image is BackdoorBench's resource/blended/hello_kitty.jpeg "
+                   "(https://github.com/SCLBD/BackdoorBench/blob/main/resource/blended/hello_kitty.jpeg, "
+                   "CC BY-NC 4.0, not shipped with bdsweep): download it to that path, or set "
+                   "attacks.blended.image to where it is (or to \"\" for the built-in noise pattern).")
+
 
 @dataclass(frozen=True)
 class BlendedParams:
@@ -36,7 +42,8 @@ class BlendedParams:
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.image and not Path(self.image).expanduser().is_file():
-            raise ValueError(f"image: no such file: {self.image}")
+            raise ValueError(f"image: no such file: {self.image} (relative paths start at the working directory). "
+                             f"{WHERE_TO_GET_IT}")
 
 
 def key_pattern(context: ResourceContext, params: BlendedParams) -> Resource:
