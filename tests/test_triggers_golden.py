@@ -147,3 +147,29 @@ def test_wanet_cross_count_as_the_toolkit_computes_it(ratio, batch, expected):
     images = torch.rand(batch, 3, 32, 32)
     hook.poison(images, torch.zeros(batch, dtype=torch.long), torch.arange(batch))
     assert captured == [expected]
+
+
+LF_FILES = SHARED_RESOURCES / "lowFrequency"
+
+
+@requires_shared(LF_FILES)
+@pytest.mark.parametrize("name", ["cifar10_preactresnet18", "cifar10_efficientnet_b3", "cifar10_mobilenet_v3_large",
+                                  "cifar10_vgg19_bn"])
+def test_lf_trigger_file_gives_the_toolkits_bytes(golden, name):
+    """A ready LF file (``pattern``) applied as the toolkit's SimpleAdditiveTrigger:
+    uint8(clip(float64(x) + float64(trigger), 0, 255)). The VGG19-BN file holds [0, 0.2]: a no-op."""
+    path = LF_FILES / f"{name}_0_255.npy"
+    stamped, _ = stamp("lf", golden["x32"], pattern=str(path))
+    trigger = np.load(path).astype(np.float64).reshape(32, 32, 3)
+    toolkit = np.clip(golden["x32"].astype(np.float64) + trigger, 0, 255).astype(np.uint8)
+    assert (stamped == toolkit).all()
+    assert (stamped == golden["x32"]).all() == (name == "cifar10_vgg19_bn")
+
+
+def test_lf_float_pattern_truncates_as_the_toolkit(tmp_path, golden):
+    trigger = np.random.default_rng(0).uniform(-3, 40, (32, 32, 3))
+    np.save(tmp_path / "lf.npy", trigger)
+    stamped, _ = stamp("lf", golden["x32"], pattern=str(tmp_path / "lf.npy"))
+    assert (stamped == np.clip(golden["x32"] + trigger, 0, 255).astype(np.uint8)).all()
+    rounded, _ = stamp("lf", golden["x32"], pattern=str(tmp_path / "lf.npy"), rounding="round")
+    assert at_most_one_level_apart(rounded, stamped)

@@ -17,6 +17,7 @@ rule defend_model:
         runs=lambda wildcards: RUN.format(**wildcards, defense="{defense}", mitigation="{mitigation}"),
         backdoor=optional_flag("--backdoor", "backdoor"),
         device=CONFIG["device"],
+        precision=CONFIG["engine"]["precision"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
         os.path.join(LOGS, "runs/{dataset}/{architecture}/{attack}/{ratio}.log"),
@@ -34,4 +35,5 @@ rule defend_model:
         " --data {params.directory} {params.backdoor} --defenses {params.defenses:q}"
         " --coordinates {params.coordinates:q} --partitions {params.partitions:q} --runs {params.runs:q}"
         " --workers {threads} --device {params.device} --batch-percent {resources.batch_percent}"
+        " --precision {params.precision}"
         " --out {output} > {log} 2>&1"

@@ -15,6 +15,7 @@ after training, the hook's ``trigger`` makes the backdoor test set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
+from ..engine import BatchHook, Normalisation, Recipe, as_tensor, to_uint8, to_unit
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
@@ -139,6 +140,11 @@ class TrainingHook(BatchHook):
     def transform(self, images, labels, indices):
         return self.poison(images, labels, indices)
 
+    def training_recipe(self, recipe: Recipe) -> Recipe:
+        """The recipe this attack trains with, given the configured one (its own code may fix the
+        schedule or the augmentation, e.g. WaNet's constant learning rate)."""
+        return recipe
+
     def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -151,6 +157,45 @@ class TrainingHook(BatchHook):
         """Arrays that define the trained trigger (warp field, generator weights), saved with the
         backdoor test set so the trigger can be inspected or reused."""
         return {}
+
+
+SCHEDULES = ("constant", "training")  # a training-time attack's learning-rate schedule: the toolkit's, or the recipe's
+
+
+def toolkit_recipe(recipe: Recipe, schedule: str, augment: bool) -> Recipe:
+    """``recipe`` with a training-time attack's choices: ``schedule`` "constant" (the toolkit's:
+    its attack configs' MultiStepLR milestones, 100 and beyond, are never reached in 100 epochs) or
+    "training" (keep the recipe's), and the engine's per-image augmentation on or off."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    changes = {"augment": augment and recipe.augment}
+    if schedule == "constant":
+        changes["schedule"] = "constant"
+    return dataclasses.replace(recipe, **changes)
+
+
+def per_batch_augment(inputs: torch.Tensor, generator: torch.Generator, crop_padding: int, rotation: float,
+                      hflip: bool) -> torch.Tensor:
+    """WaNet's and BPP's ``PostTensorTransform`` (FORK ``attack/wanet.py`` and ``attack/bpp.py``): on a
+    whole normalised NCHW batch, one draw per batch: with p 0.8 a random crop after zero padding of
+    ``crop_padding``; with p 0.5 a rotation by an angle uniform in +-``rotation`` degrees (nearest
+    neighbour, zero fill, as torchvision's ``RandomRotation``); where ``hflip`` (FORK: CIFAR-10 only)
+    a horizontal flip with p 0.5. ``generator`` is a host generator (no device sync per batch)."""
+    crop, rotate, flip, angle, dy, dx = torch.rand(6, generator=generator).tolist()
+    n, c, h, w = inputs.shape
+    if crop < 0.8 and crop_padding:
+        span = 2 * crop_padding + 1
+        top, left = int(dy * span), int(dx * span)
+        padded = torch.nn.functional.pad(inputs, (crop_padding,) * 4)
+        inputs = padded[:, :, top:top + h, left:left + w]
+    if rotate < 0.5 and rotation:
+        from torchvision.transforms.functional import InterpolationMode
+        from torchvision.transforms.functional import rotate as rotate_images
+
+        inputs = rotate_images(inputs, (2 * angle - 1) * rotation, InterpolationMode.NEAREST, fill=[0.0])
+    if hflip and flip < 0.5:
+        inputs = inputs.flip(3)
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -210,4 +255,4 @@ def scaled(size: int, image_size: int, reference: int = 32) -> int:
 __all__ = ["Resource", "ROUNDINGS", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack",
            "data_poisoning",
            "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
-           "in_chunks", "add_offset", "scaled"]
+           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment"]

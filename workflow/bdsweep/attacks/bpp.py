@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import to_unit
-from . import ROUNDINGS, HookContext, TrainingHook, training_time
+from . import ROUNDINGS, SCHEDULES, HookContext, TrainingHook, per_batch_augment, toolkit_recipe, training_time
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,23 @@ class BPPParams:
     squeeze: int = 8  # colour levels per channel
     negative_ratio: float = 0.1  # share of each batch made negative samples
     rounding: str = "truncate"  # backdoor test images: "truncate" as the toolkit, or "round"
+    # The toolkit's recipe: a constant learning rate (FORK config/attack/bpp/default.yaml: MultiStepLR at
+    # epochs 100, 200, ... is never reached), or "training": the training section's schedule.
+    schedule: str = "constant"
+    # The toolkit's per-batch PostTensorTransform on normalised tensors instead of the engine's per-image
+    # crop 4 + flip (its train loader uses the test transform): crop after zero padding (p 0.8),
+    # rotation (p 0.5), flip where the dataset allows it (FORK: CIFAR-10 only). False: the engine's.
+    post_transform: bool = True
+    crop_padding: int = 5  # FORK random_crop
+    rotation: float = 10.0  # FORK random_rotation, degrees
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.crop_padding < 0 or self.rotation < 0:
+            raise ValueError("crop_padding and rotation must be non-negative")
         if self.squeeze < 2:
             raise ValueError(f"squeeze must be at least 2 levels, got {self.squeeze}")
         if not 0 <= self.negative_ratio < 1:
@@ -44,6 +57,7 @@ class BPPHook(TrainingHook):
         super().__init__(context)
         self.params = params
         self.generator = torch.Generator(device=context.device).manual_seed(context.seed)
+        self.batch_random = torch.Generator().manual_seed(context.seed + 2)  # per-batch augmentation draws
 
     def poison(self, images, labels, indices):
         backdoor, negative = self.split(indices, self.context.ratio, self.params.negative_ratio)
@@ -61,6 +75,15 @@ class BPPHook(TrainingHook):
     @property
     def rounding(self) -> str:
         return self.params.rounding
+
+    def training_recipe(self, recipe):
+        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.post_transform)
+
+    def after_normalise(self, inputs):
+        if not self.params.post_transform:
+            return inputs
+        return per_batch_augment(inputs, self.batch_random, self.params.crop_padding, self.params.rotation,
+                                 self.context.normalisation.hflip)
 
     def trigger(self, images):
         return quantise(images, self.params.squeeze)

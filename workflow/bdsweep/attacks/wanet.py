@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import Normalisation
-from . import ROUNDINGS, HookContext, TrainingHook, training_time
+from . import ROUNDINGS, SCHEDULES, HookContext, TrainingHook, per_batch_augment, toolkit_recipe, training_time
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,23 @@ class WaNetParams:
     cross_ratio: float = 2.0  # noise samples per backdoor sample
     grid_rescale: float = 1.0
     rounding: str = "truncate"  # backdoor test images: "truncate" as the toolkit, or "round"
+    # The toolkit's recipe: a constant learning rate (FORK config/attack/wanet/default.yaml: MultiStepLR at
+    # epochs 100, 200, ... is never reached), or "training": the training section's schedule.
+    schedule: str = "constant"
+    # The toolkit's per-batch PostTensorTransform on normalised tensors instead of the engine's per-image
+    # crop 4 + flip (its train loader uses the test transform): crop after zero padding (p 0.8),
+    # rotation (p 0.5), flip where the dataset allows it (FORK: CIFAR-10 only). False: the engine's.
+    post_transform: bool = True
+    crop_padding: int = 5  # FORK random_crop
+    rotation: float = 10.0  # FORK random_rotation, degrees
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.crop_padding < 0 or self.rotation < 0:
+            raise ValueError("crop_padding and rotation must be non-negative")
         if self.k < 2:
             raise ValueError(f"k must be at least 2, got {self.k}")
         if self.s < 0 or self.cross_ratio < 0 or self.grid_rescale <= 0:
@@ -79,6 +92,7 @@ class WaNetHook(TrainingHook):
         self.grid = warp_field(context.image_size, params, torch.Generator().manual_seed(context.seed))
         self.grid = self.grid.to(context.device)
         self.noise = torch.Generator(device=context.device).manual_seed(context.seed + 1)
+        self.batch_random = torch.Generator().manual_seed(context.seed + 2)  # per-batch augmentation draws
 
     def poison(self, images, labels, indices):
         n_backdoor = int(self.context.ratio * len(indices))
@@ -96,6 +110,15 @@ class WaNetHook(TrainingHook):
     @property
     def rounding(self) -> str:
         return self.params.rounding
+
+    def training_recipe(self, recipe):
+        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.post_transform)
+
+    def after_normalise(self, inputs):
+        if not self.params.post_transform:
+            return inputs
+        return per_batch_augment(inputs, self.batch_random, self.params.crop_padding, self.params.rotation,
+                                 self.context.normalisation.hflip)
 
     def trigger(self, images):
         return warp_normalised(images, self.grid, self.context.normalisation)

@@ -44,6 +44,8 @@ def add_arguments(parser):
     parser.add_argument("--workers", type=int, default=1, help="runs at once (each one torch thread)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-percent", type=int, default=100, choices=range(1, 101), metavar="1..100")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                        help="bf16 autocast on CUDA, or fp32 as the survey's toolkit (engine.precision)")
     parser.add_argument("--out", required=True, help="the manifest: every run file of the model and its status")
 
 
@@ -77,12 +79,12 @@ def up_to_date(run: RunSpec, fingerprint: str, inputs_mtime_ns: int) -> bool:
 _worker_state: dict = {}
 
 
-def _start_worker(files: ModelFiles, device: str, threads: int | None = None) -> None:
-    """What a worker keeps between runs: the files, the device and (once opened) the dataset."""
+def _start_worker(files: ModelFiles, device: str, threads: int | None = None, precision: str = "bf16") -> None:
+    """What a worker keeps between runs: the files, the device, the precision and (once opened) the dataset."""
     if threads is not None:
         torch.set_num_threads(threads)
     _worker_state.clear()
-    _worker_state.update(files=files, device=device)
+    _worker_state.update(files=files, device=device, precision=precision)
 
 
 def run_with_retries(run: RunSpec, fingerprint: str, files: ModelFiles, device: str, batch_percent: int,
@@ -106,18 +108,21 @@ def run_with_retries(run: RunSpec, fingerprint: str, files: ModelFiles, device: 
 
 
 def _run_in_worker(run: RunSpec, fingerprint: str, batch_percent: int) -> dict:
+    from ..engine import precision
+
     state = _worker_state
     if "dataset" not in state:
         from ..data.store import PreparedDataset
 
         state["dataset"] = PreparedDataset(state["files"].data)
-    return run_with_retries(run, fingerprint, state["files"], state["device"], batch_percent, state["dataset"])
+    with precision(state["precision"]):
+        return run_with_retries(run, fingerprint, state["files"], state["device"], batch_percent, state["dataset"])
 
 
 def run_all(pending: list[tuple[RunSpec, str]], files: ModelFiles, args) -> dict[str, dict]:
     """Run ``pending`` (run, fingerprint) pairs, ``args.workers`` at a time; returns outcomes by run file."""
     if args.workers <= 1 or len(pending) <= 1:
-        _start_worker(files, args.device)
+        _start_worker(files, args.device, precision=args.precision)
         outcomes = {}
         for run, fingerprint in pending:
             outcomes[run.out] = _run_in_worker(run, fingerprint, args.batch_percent)
@@ -135,7 +140,7 @@ def run_all(pending: list[tuple[RunSpec, str]], files: ModelFiles, args) -> dict
     previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(files, args.device, 1)) as pool:  # one thread per run
+                                 initargs=(files, args.device, 1, args.precision)) as pool:  # one thread per run
             futures = {pool.submit(_run_in_worker, run, fingerprint, args.batch_percent): run
                        for run, fingerprint in pending}
             done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
