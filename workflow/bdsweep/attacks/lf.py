@@ -6,8 +6,9 @@ the targeted cross-entropy). After every step it is projected onto the low frequ
 low-pass filter in the 2-D Fourier domain: frequencies within ``radius`` of DC, at 32 px, scaled
 with the image) and onto the L_inf ball of ``epsilon``. The result is shifted and scaled to the
 pixel range [0, ``scale`` * 255] (0..51 at the default 0.2, the range of the survey toolkit's
-trigger files) and added to images: x' = clip(x + perturbation), truncated to uint8 as the toolkit
-does (``rounding: "truncate"``; ``"round"`` rounds the perturbation to whole pixel values first).
+trigger files), rounded to whole pixel values (as those uint8 files are) and added to images:
+x' = clip(x + perturbation). A non-integer perturbation (a ``pattern`` file) is truncated to uint8 as
+the toolkit does (``rounding: "truncate"``; ``"round"`` rounds it to whole pixel values first).
 
 ``pattern`` instead takes a ready trigger file (``.npy``, HWC or 1xHWC, in pixel units, e.g. the
 survey toolkit's ``resource/lowFrequency/<dataset>_<model>_0_255.npy``) and applies it exactly as the
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ROUNDINGS, Resource, ResourceContext, add_offset, data_poisoning, with_meta
+from . import ROUNDINGS, Resource, ResourceContext, add_offset, data_poisoning, meta_of, with_meta
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,10 @@ def universal_perturbation(context: ResourceContext, params: LFParams) -> Resour
 @data_poisoning("lf", "LF: low-frequency universal perturbation", LFParams, universal_perturbation,
                 per_architecture=True)
 def add_perturbation(images: np.ndarray, resource: Resource, params: LFParams) -> np.ndarray:
+    perturbation = resource["perturbation"].astype(np.float64)
+    if "pattern" not in meta_of(resource):  # bdsweep's own: whole pixel values, as the toolkit's uint8 files
+        perturbation = np.rint(perturbation)
     # x is whole and the clip to [0, 255] comes first, so uint8(clip(x + p)) = clip(x + floor(p)): exact in
     # integers.
     whole = np.floor if params.rounding == "truncate" else np.rint
-    return add_offset(images, whole(resource["perturbation"].astype(np.float64)))
+    return add_offset(images, whole(perturbation))
