@@ -27,7 +27,8 @@ os.environ.update({**CPU_ENVIRONMENT, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED = REPO.parent / "shared"
+# BDSWEEP_SHARED points a worktree that is not beside ../shared at the shared folder.
+SHARED = Path(os.environ.get("BDSWEEP_SHARED") or REPO.parent / "shared")
 SHARED_DATASETS = SHARED / "datasets"
 SHARED_RESOURCES = SHARED / "resources"
 
@@ -35,6 +36,34 @@ SHARED_RESOURCES = SHARED / "resources"
 def requires_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (the development datasets and "
                               "reference resources live in ../shared, which this checkout does not have)")
+
+
+# The paper preset's Blended key image, relative to the working directory (bdsweep does not ship it).
+PAPER_BLENDED_IMAGE = Path("data") / "blended" / "hello_kitty.jpeg"
+
+
+def place_paper_blended_image(workdir: Path) -> Path:
+    """Put the paper preset's Blended key image under ``workdir``: the toolkit's from ../shared when
+    present, else a stand-in JPEG (validating and planning only check that the file exists)."""
+    import shutil
+
+    from PIL import Image
+
+    path = workdir / PAPER_BLENDED_IMAGE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if (SHARED_RESOURCES / "blended" / "hello_kitty.jpeg").exists():
+        shutil.copyfile(SHARED_RESOURCES / "blended" / "hello_kitty.jpeg", path)
+    else:
+        Image.new("RGB", (8, 8), (255, 128, 0)).save(path)
+    return path
+
+
+@pytest.fixture
+def paper_workdir(tmp_path, monkeypatch):
+    """A working directory (the current one during the test) in which the paper preset validates."""
+    place_paper_blended_image(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 def pytest_configure(config):
@@ -67,7 +96,7 @@ def independent_of_order(request):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Kept for the modules that ask for it: every test now runs on one thread (``REPRODUCIBLE_CPU``)."""
+    """Kept for the modules that ask for it: every test now runs on one thread (``independent_of_order``)."""
     yield
 
 

@@ -23,6 +23,15 @@ OVERRIDES = {
     "wanet": {"s": 5.0},  # the paper's s = 0.5 (a sub-pixel warp) does not take in 12 epochs on upscaled digits
     "iab": {"mask_epochs": 2, "generator_channels": 16, "generator_depth": 2, "generator_decay": 0.7},
 }
+# The toolkit's WaNet/BPP recipe (constant lr, per-batch crop 5 and rotation, zero fill in normalised space)
+# does not suit 12 epochs on digits: the fill is a grey frame on their black background, whole batches at a
+# time, and skews BN's running statistics: clean ACC 0.39 in eval mode (0.96 with batch statistics). Short
+# schedules keep the training section's cosine and the engine's augmentation, as config.yaml does.
+for _name in ("wanet", "bpp"):
+    OVERRIDES[_name] = {**OVERRIDES.get(_name, {}), "schedule": "training", "post_transform": False}
+# IAB with the toolkit's recipe (constant lr 0.05, augmentation before poisoning, normalised generator inputs)
+# reaches ASR 1.0 but clean ACC 0.16 in 12 epochs: the short schedule keeps the earlier recipe.
+OVERRIDES["iab"] = {**OVERRIDES["iab"], "schedule": "training", "augment_first": False, "normalised": False}
 # What a short CPU training must reach at ratio 0.1 (SIG is clean-label and learns more slowly).
 MIN_ASR = {"sig": 0.7, "wanet": 0.8}
 

@@ -28,10 +28,16 @@ def stamp(name, batch, context=None, **overrides):
 
 @pytest.mark.parametrize("alpha", [0.2, 0.25, 0.3, 1 / 3])  # integer and floating-point paths
 def test_blended_is_the_alpha_mix_of_image_and_pattern(alpha):
-    blended, resource = stamp("blended", IMAGES, alpha=alpha)
+    """Rounded (the corrected behaviour) exactly; truncated (the toolkit's default, golden-tested in
+    test_triggers_golden.py) never above it and at most one level below."""
+    blended, resource = stamp("blended", IMAGES, alpha=alpha, rounding="round")
     expected = np.rint((1 - alpha) * IMAGES.astype(np.float64) + alpha * resource["pattern"].astype(np.float64))
     assert blended.dtype == np.uint8 and (blended == expected).all()
-    again, _ = stamp("blended", IMAGES, alpha=alpha)
+    truncated, _ = stamp("blended", IMAGES, alpha=alpha)
+    exact = (1 - alpha) * IMAGES.astype(np.float64) + alpha * resource["pattern"].astype(np.float64)
+    assert (np.abs(truncated - np.floor(exact)) <= 1).all() and (truncated <= blended).all()
+    assert (truncated != blended).any()
+    again, _ = stamp("blended", IMAGES, alpha=alpha, rounding="round")
     assert (again == blended).all()  # the built-in pattern is deterministic
     assert resource["pattern"].std() > 60  # uniform noise, not a flat image
 
@@ -41,7 +47,7 @@ def test_blended_with_the_reference_image_file():
     from PIL import Image
 
     path = SHARED_RESOURCES / "blended" / "hello_kitty.jpeg"
-    blended, resource = stamp("blended", IMAGES, image=str(path))
+    blended, resource = stamp("blended", IMAGES, image=str(path), rounding="round")
     with Image.open(path) as image:
         expected_pattern = np.asarray(image.convert("RGB").resize((32, 32), Image.BILINEAR))
     assert (resource["pattern"] == expected_pattern).all()
@@ -55,10 +61,12 @@ def test_blended_refuses_a_missing_image_by_path():
 
 def test_sig_adds_the_horizontal_sinusoid():
     flat = np.full((2, 32, 32, 3), 100, np.uint8)
-    signed, _ = stamp("sig", flat)
     columns = np.arange(32)
-    expected = np.rint(100 + 40 * np.sin(2 * np.pi * columns * 6 / 32))
-    assert (signed[:, :, :, :] == expected[None, None, :, None]).all()
+    signal = 40 * np.sin(2 * np.pi * columns * 6 / 32)
+    rounded, _ = stamp("sig", flat, rounding="round")
+    assert (rounded == np.rint(100 + signal)[None, None, :, None]).all()
+    truncated, _ = stamp("sig", flat)  # the toolkit's: uint8 of the float sum, i.e. floor
+    assert (truncated == np.floor(100 + signal)[None, None, :, None]).all()
     saturated, _ = stamp("sig", np.full((1, 32, 32, 3), 250, np.uint8))
     assert saturated.max() == 255 and saturated.min() == 250 - 40  # clipped above 255
 

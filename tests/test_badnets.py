@@ -24,10 +24,21 @@ def test_three_by_three_white_square_in_the_bottom_right_corner_at_32px():
     assert (stamped[:, untouched] == images[:, untouched]).all()
 
 
-def test_square_scales_to_six_by_six_at_64px():
+def test_trigger_image_is_resized_bilinearly_at_64px():
+    """As the toolkit: its 32-px trigger image resized bilinearly, a graded 7x7 patch (rows and
+    columns 57-63) whose inner 5x5 is white; exact bytes: test_triggers_golden.py."""
     stamped = stamp(np.zeros((2, 64, 64, 3), np.uint8))
+    assert np.argwhere(stamped[0, :, :, 0] > 0).min(0).tolist() == [57, 57]
+    assert int((stamped[0, :, :, 0] > 0).sum()) == 49 and int((stamped[0, :, :, 0] == 255).sum()) == 25
+
+
+def test_nearest_resize_gives_a_six_by_six_white_square_at_64px():
+    attack = ATTACKS.get("badnets")
+    params = attack.params(resize="nearest")
+    resource = attack.make_resource(ResourceContext(64), params)
+    stamped = attack.apply_trigger(np.zeros((2, 64, 64, 3), np.uint8), resource, params)
     assert np.argwhere(stamped[0, :, :, 0] == 255).min(0).tolist() == [58, 58]
-    assert int((stamped[0, :, :, 0] == 255).sum()) == 36
+    assert int((stamped[0, :, :, 0] == 255).sum()) == 36 == int((stamped[0, :, :, 0] > 0).sum())
 
 
 @requires_shared(SHARED_RESOURCES / "badnet" / "trigger_image.png")

@@ -17,9 +17,9 @@ def test_bdsweep_list_shows_every_kind_and_what_is_implemented():
     assert len(rows) == 8 + 5 + 17 + 5
 
 
-def test_validate_counts_the_grid():
-    result = subprocess.run([sys.executable, "-m", "bdsweep", "validate", "workflow/presets/paper.yaml"],
-                            capture_output=True, text=True, check=True, cwd=REPO,
+def test_validate_counts_the_grid(paper_workdir):
+    result = subprocess.run([sys.executable, "-m", "bdsweep", "validate", str(REPO / "workflow/presets/paper.yaml")],
+                            capture_output=True, text=True, check=True, cwd=paper_workdir,
                             env={"PYTHONPATH": str(REPO / "workflow"), "PATH": ""})
     # SPEC section 1: 288 backdoored models x (none + CLP + 14 defenses x 3 SPC x 10 seeds) + NC on the 96
     # CIFAR-10 models x 30; the same for the 12 clean models (4 on CIFAR-10): 129,600.

@@ -31,12 +31,25 @@ def changed(**edits):
     return config
 
 
-def test_demo_and_paper_presets_are_valid():
+def test_demo_and_paper_presets_are_valid(paper_workdir):
     demo = validate_config(DEMO)
     assert len(models(demo)) == 8 + 1 and len(runs(demo)) == 9 * (1 + 1 + 2 * 1)  # 8 attacks + a clean model
     paper = validate_config(PAPER)
     assert paper["mitigation"]["seeds"] == 10 and paper["ratios"] == [0.01, 0.05, 0.1]
     assert set(paper["defenses"]) >= {"ft", "clp", "none"}
+
+
+def test_paper_preset_blends_with_the_surveys_key_image_and_says_where_to_get_it(tmp_path, monkeypatch):
+    """The paper preset names the Hello Kitty image by path; without the file, validation (which
+    runs before any job: ``bdsweep validate`` and Snakemake's parsing) refuses it and says where
+    the image is published."""
+    assert PAPER["attacks"]["blended"]["image"] == "data/blended/hello_kitty.jpeg"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        validate_config(PAPER)
+    message = str(error.value)
+    assert message.startswith("attacks.blended: image: no such file: data/blended/hello_kitty.jpeg")
+    assert "SCLBD/BackdoorBench" in message and "resource/blended/hello_kitty.jpeg" in message
 
 
 def test_paper_preset_names_every_method_of_the_spec():

@@ -136,7 +136,7 @@ def test_a_defense_that_declares_no_passes_is_priced_as_fine_tuning_with_a_warni
         assert defense_passes("mine", Mine(), MitigationSize(images=50, classes=10)) == 7 * 50
 
 
-def test_the_paper_preset_prints_its_129600_runs(capsys):
+def test_the_paper_preset_prints_its_129600_runs(capsys, paper_workdir):
     assert bdsweep(["cost", str(PAPER), "--device", "h100"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^\s+defense runs\s+runs\s+129,600\s", printed, re.MULTILINE)

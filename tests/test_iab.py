@@ -24,7 +24,10 @@ CPU = torch.device("cpu")
 # learnable per-image trigger in a short run; 20 gives about 10-20 (mask mean 0.04-0.08). The pattern
 # generator's lr decays per epoch so that it settles as the classifier's cosine schedule runs out.
 FAST = {"mask_epochs": 5, "mask_milestones": (4,), "mask_batch_size": 32, "lambda_norm": 20.0,
-        "generator_channels": 16, "generator_depth": 2, "generator_decay": 0.7}
+        "generator_channels": 16, "generator_depth": 2, "generator_decay": 0.7,
+        # The generator mechanics in pixel space, poisoned before the engine augments (the toolkit's
+        # recipe, the default, is tested in test_attack_recipes.py: it does not suit 14 short epochs).
+        "schedule": "training", "augment_first": False, "normalised": False}
 # End to end: 14 epochs, batch 32, SGD lr 0.05 (cosine), no crop; 30 % poisoned + 30 % cross samples.
 RECIPE = Recipe(epochs=14, batch_size=32, lr=0.05, crop_padding=0)
 RATIO = 0.3

@@ -15,7 +15,7 @@ import yaml
 
 from bdsweep.figures import FIGURES
 from bdsweep.tables import TABLES
-from conftest import REPO
+from conftest import REPO, place_paper_blended_image
 
 
 def snakemake(workdir, *args):
@@ -108,6 +108,7 @@ def plan(*args):
 
 def test_the_paper_preset_plans_the_implemented_methods(tmp_path):
     # The full grid: 129,600 runs in 300 model jobs (benchmarks/planning_speed.py times it).
+    place_paper_blended_image(tmp_path)  # Snakemake validates in the working directory (--directory)
     result = plan("--configfile", str(REPO / "workflow" / "presets" / "paper.yaml"), "--directory", str(tmp_path))
     assert result.returncode == 0, result.stderr
     output = " ".join((result.stdout + result.stderr).split())

@@ -7,10 +7,11 @@ mode, with large batches.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,15 @@ def to_unit(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float NCHW in [0, 1] -> uint8 NHWC, rounded to the nearest pixel value."""
-    return images.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def to_uint8(images: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """Float NCHW in [0, 1] -> uint8 NHWC: rounded to the nearest pixel value, or with
+    ``rounding="truncate"`` truncated as torchvision's ``ToPILImage`` (``mul(255).byte()``) does."""
+    scaled = images.detach().mul(255.0)
+    if rounding == "round":
+        scaled = scaled.round_()
+    elif rounding != "truncate":
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    return scaled.clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @functools.cache
@@ -108,9 +115,29 @@ def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
 
 
+PRECISIONS = ("bf16", "fp32")
+_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("bdsweep_precision", default="bf16")
+
+
+@contextmanager
+def precision(name: str):
+    """Within the block, :func:`autocast` runs in ``name``: "bf16" (autocast on CUDA, faster) or
+    "fp32" (no autocast, as the survey's toolkit ran: its ``amp`` is off). Every stage that trains,
+    evaluates or defends runs inside it (``EngineOptions.precision``)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
 def autocast(device: torch.device):
     # bf16 keeps the fp32 exponent range, so no loss scaling is needed.
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type == "cuda" and _PRECISION.get() == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def augment_batch(batch: torch.Tensor, padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -162,7 +189,8 @@ class BatchHook:
 
     Per batch: the shuffled batch becomes float NCHW images in [0, 1] and goes to ``transform``
     (triggers and adversarial examples are made before augmentation, as the methods' own code
-    does), then is augmented and normalised; after the forward pass ``loss`` turns the
+    does), then is augmented and normalised, then goes to ``after_normalise``; after the forward
+    pass ``loss`` turns the
     cross-entropy into the objective; after ``backward`` comes ``after_backward`` (e.g. SAM's
     second pass, which may recompute the gradients), ``before_step``, the optimiser step, then ``step``.
     ``checkpoint_state``/``restore_checkpoint`` carry the hook through a resumed run; by default
@@ -172,6 +200,11 @@ class BatchHook:
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(images, labels, extra loss or None) for this batch; ``indices`` index the training set."""
         return images, labels, None
+
+    def after_normalise(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The normalised batch the model will see (e.g. the per-batch augmentation that WaNet's
+        and BPP's code applies to normalised tensors)."""
+        return inputs
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
              cross_entropy: torch.Tensor) -> torch.Tensor:
@@ -204,8 +237,13 @@ class EngineOptions:
     compile: bool = False  # torch.compile the model for the training loop
     channels_last: bool = True  # NHWC memory format on CUDA, where convolutions run faster in it
     checkpoint_every: int = 5  # epochs between checkpoints, when training has a checkpoint path
+    # "bf16": autocast on CUDA (faster); "fp32": none, as the survey's toolkit trained (amp off). The
+    # paper preset sets fp32; training, evaluation and the defenses all follow it (see ``precision``).
+    precision: str = "bf16"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
 
@@ -326,6 +364,8 @@ def train(
                     if hook is None:  # augmenting uint8 is cheaper; convert afterwards
                         x = x.float().div_(255.0)
                     x = normalisation.normalise(x)
+                    if hook is not None:
+                        x = hook.after_normalise(x)
                     logits = forward(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
                     loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                     objective = loss if hook is None else hook.loss(x, y, logits, loss)

@@ -17,6 +17,7 @@ rule defend_model:
         runs=lambda wildcards: RUN.format(**wildcards, defense="{defense}", mitigation="{mitigation}"),
         backdoor=optional_flag("--backdoor", "backdoor"),
         device=CONFIG["device"],
+        precision=CONFIG["engine"]["precision"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
         os.path.join(LOGS, "runs/{dataset}/{architecture}/{attack}/{ratio}.log"),
@@ -32,5 +33,5 @@ rule defend_model:
         "BDSWEEP_HISTORY={log}.history python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
         " --data {params.directory} {params.backdoor} --defenses {params.defenses:q}"
         " --coordinates {params.coordinates:q} --partitions {params.partitions:q} --runs {params.runs:q}"
-        " --workers {threads} --device {params.device}"
+        " --workers {threads} --device {params.device} --precision {params.precision}"
         " --out {output} > {log} 2>&1"

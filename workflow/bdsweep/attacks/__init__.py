@@ -15,6 +15,7 @@ after training, the hook's ``trigger`` makes the backdoor test set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
+from ..engine import BatchHook, Normalisation, Recipe, as_tensor, to_uint8, to_unit
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]
+# How a trigger's float result becomes uint8: "truncate" (the survey's toolkit: numpy astype / PIL's
+# ToPILImage, i.e. floor for non-negative values) or "round" (to the nearest value).
+ROUNDINGS = ("truncate", "round")
 META = "meta"  # a resource's optional JSON metadata entry (e.g. SSBA's PSNR and bit accuracy)
 
 
@@ -103,6 +107,8 @@ class TrainingHook(BatchHook):
     ``trigger``; they count what they poison through :meth:`split` so the effective ratio is
     measured, not assumed."""
 
+    rounding = "round"  # how the backdoor test set becomes uint8 (see ROUNDINGS); hooks take it from their params
+
     def __init__(self, context: HookContext):
         self.context = context
         self.seen = 0
@@ -113,10 +119,14 @@ class TrainingHook(BatchHook):
         from the front of the (already shuffled) batch among images outside the reserved pool, if any.
         The first share is the poisoned one and is counted; counts are int(share * batch size),
         as the attacks' own code computes them."""
+        return self.split_counts(indices, *(int(share * len(indices)) for share in shares))
+
+    def split_counts(self, indices: torch.Tensor, *counts: int) -> list[torch.Tensor]:
+        """:meth:`split` with the number of images of each part given (at most what is eligible)."""
         eligible = torch.nonzero(self.context.poisonable[indices]).flatten()
         positions, start = [], 0
-        for share in shares:
-            count = min(int(share * len(indices)), len(eligible) - start)
+        for wanted in counts:
+            count = min(wanted, len(eligible) - start)
             positions.append(eligible[start:start + count])
             start += count
         self.seen += len(indices)
@@ -130,6 +140,11 @@ class TrainingHook(BatchHook):
     def transform(self, images, labels, indices):
         return self.poison(images, labels, indices)
 
+    def training_recipe(self, recipe: Recipe) -> Recipe:
+        """The recipe this attack trains with, given the configured one (its own code may fix the
+        schedule or the augmentation, e.g. WaNet's constant learning rate)."""
+        return recipe
+
     def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
@@ -142,6 +157,45 @@ class TrainingHook(BatchHook):
         """Arrays that define the trained trigger (warp field, generator weights), saved with the
         backdoor test set so the trigger can be inspected or reused."""
         return {}
+
+
+SCHEDULES = ("constant", "training")  # a training-time attack's learning-rate schedule: the toolkit's, or the recipe's
+
+
+def toolkit_recipe(recipe: Recipe, schedule: str, augment: bool) -> Recipe:
+    """``recipe`` with a training-time attack's choices: ``schedule`` "constant" (the toolkit's:
+    its attack configs' MultiStepLR milestones, 100 and beyond, are never reached in 100 epochs) or
+    "training" (keep the recipe's), and the engine's per-image augmentation on or off."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    changes = {"augment": augment and recipe.augment}
+    if schedule == "constant":
+        changes["schedule"] = "constant"
+    return dataclasses.replace(recipe, **changes)
+
+
+def per_batch_augment(inputs: torch.Tensor, generator: torch.Generator, crop_padding: int, rotation: float,
+                      hflip: bool) -> torch.Tensor:
+    """WaNet's and BPP's ``PostTensorTransform`` (FORK ``attack/wanet.py`` and ``attack/bpp.py``): on a
+    whole normalised NCHW batch, one draw per batch: with p 0.8 a random crop after zero padding of
+    ``crop_padding``; with p 0.5 a rotation by an angle uniform in +-``rotation`` degrees (nearest
+    neighbour, zero fill, as torchvision's ``RandomRotation``); where ``hflip`` (FORK: CIFAR-10 only)
+    a horizontal flip with p 0.5. ``generator`` is a host generator (no device sync per batch)."""
+    crop, rotate, flip, angle, dy, dx = torch.rand(6, generator=generator).tolist()
+    n, c, h, w = inputs.shape
+    if crop < 0.8 and crop_padding:
+        span = 2 * crop_padding + 1
+        top, left = int(dy * span), int(dx * span)
+        padded = torch.nn.functional.pad(inputs, (crop_padding,) * 4)
+        inputs = padded[:, :, top:top + h, left:left + w]
+    if rotate < 0.5 and rotation:
+        from torchvision.transforms.functional import InterpolationMode
+        from torchvision.transforms.functional import rotate as rotate_images
+
+        inputs = rotate_images(inputs, (2 * angle - 1) * rotation, InterpolationMode.NEAREST, fill=[0.0])
+    if hflip and flip < 0.5:
+        inputs = inputs.flip(3)
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -166,12 +220,13 @@ def is_training_time(attack) -> bool:
 
 @torch.no_grad()
 def apply_in_batches(images: np.ndarray, function: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                     batch_size: int = 512) -> np.ndarray:
-    """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array."""
+                     batch_size: int = 512, rounding: str = "round") -> np.ndarray:
+    """uint8 NHWC array -> ``function`` on float NCHW [0, 1] batches on ``device`` -> uint8 NHWC array
+    (``rounding``: see :data:`ROUNDINGS`)."""
     out = np.empty_like(images)
     for start in range(0, len(images), batch_size):
         batch = to_unit(as_tensor(np.asarray(images[start:start + batch_size]), device))
-        out[start:start + batch_size] = to_uint8(function(batch)).cpu().numpy()
+        out[start:start + batch_size] = to_uint8(function(batch), rounding).cpu().numpy()
     return out
 
 
@@ -197,6 +252,7 @@ def scaled(size: int, image_size: int, reference: int = 32) -> int:
     return max(1, round(size * image_size / reference))
 
 
-__all__ = ["Resource", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack", "data_poisoning",
+__all__ = ["Resource", "ROUNDINGS", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack",
+           "data_poisoning",
            "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
-           "in_chunks", "add_offset", "scaled"]
+           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment"]

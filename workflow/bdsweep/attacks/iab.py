@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import autocast, to_unit
+from ..engine import augment_batch, autocast, to_unit
 from ..params import check_ranges
-from . import HookContext, TrainingHook, training_time
+from . import ROUNDINGS, SCHEDULES, HookContext, TrainingHook, toolkit_recipe, training_time
 
 EPSILON = 1e-7
 
@@ -39,9 +39,23 @@ class IABParams:
     # Per-epoch factor on the pattern generator's learning rate; 1 keeps it constant, as the toolkit does
     # (its first drop is at epoch 200).
     generator_decay: float = 1.0
+    # Backdoor test images: "truncate" to uint8 as the toolkit stores them (ToPILImage), or "round".
+    rounding: str = "truncate"
+    # The classifier's learning rate: constant as the toolkit (FORK config/attack/inputaware: schedulerC
+    # milestones 100 and beyond are never reached), or "training": the training section's schedule.
+    schedule: str = "constant"
+    # The toolkit augments (its train transform: crop after zero padding of 4, flip on CIFAR-10) before
+    # it poisons; False: the engine augments the poisoned batch (bdsweep's earlier recipe).
+    augment_first: bool = True
+    # The generators see normalised images and the diversity losses compare normalised images and
+    # patterns, as the toolkit (FORK attack/inputaware.py create_bd, train_step, train_mask_step);
+    # False: images in [0, 1].
+    normalised: bool = True
 
     def __post_init__(self):
         checks = {
+            "rounding": self.rounding in ROUNDINGS,
+            "schedule": self.schedule in SCHEDULES,
             "mask_epochs": self.mask_epochs >= 0,
             "lr": self.lr > 0,
             "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -125,6 +139,7 @@ class IABHook(TrainingHook):
         device = context.device
         self.random = torch.Generator(device=device).manual_seed(context.seed)
         self.host_random = torch.Generator().manual_seed(context.seed)  # no device sync per batch
+        self.augment_random = torch.Generator(device=device).manual_seed(context.seed + 3)
         self.mask = _seeded_generator(context.seed + 1, 1, params).to(device)
         self.pretrain_mask()
         self.mask.eval().requires_grad_(False)
@@ -132,8 +147,25 @@ class IABHook(TrainingHook):
         self.optimiser = torch.optim.Adam(self.pattern.parameters(), lr=params.lr, betas=params.betas)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimiser, params.generator_decay)
 
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the generators see and the diversity losses compare: normalised images (the toolkit's)
+        or images in [0, 1]."""
+        return self.context.normalisation.normalise(images) if self.params.normalised else images
+
     def masks(self, images: torch.Tensor) -> torch.Tensor:
-        return threshold(self.mask(images))
+        """Masks of images in [0, 1]."""
+        return threshold(self.mask(self.view(images)))
+
+    def patterns(self, images: torch.Tensor) -> torch.Tensor:
+        """Patterns (pixel values in (0, 1)) of images in [0, 1]."""
+        return self.pattern(self.view(images))
+
+    def training_recipe(self, recipe):
+        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.augment_first)
+
+    @property
+    def rounding(self) -> str:
+        return self.params.rounding
 
     def pretrain_mask(self) -> None:
         from tqdm.auto import tqdm
@@ -155,7 +187,8 @@ class IABHook(TrainingHook):
                 with autocast(device):
                     m1, m2 = self.masks(x1), self.masks(x2)
                 norm = F.relu(m1.float() - params.mask_density).mean()
-                loss = params.lambda_norm * norm + params.lambda_div * diversity_loss(x1, x2, m1, m2)
+                diversity = diversity_loss(self.view(x1), self.view(x2), m1, m2)
+                loss = params.lambda_norm * norm + params.lambda_div * diversity
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -163,6 +196,8 @@ class IABHook(TrainingHook):
 
     def poison(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.params.augment_first:  # as the toolkit's train transform, before poisoning
+            images = augment_batch(images, 4, self.context.normalisation.hflip, self.augment_random)
         ratio = self.context.ratio
         backdoor, cross = self.split(indices, ratio, ratio * self.params.cross_ratio)
         n_bd, n_cross = len(backdoor), len(cross)
@@ -172,7 +207,7 @@ class IABHook(TrainingHook):
         offset = int(torch.randint(1, max(2, len(images)), (1,), generator=self.host_random))
         partners = (cross + offset) % len(images)
         sources = images[torch.cat([backdoor, partners])]
-        patterns = self.pattern(sources)
+        patterns = self.patterns(sources)
         with torch.no_grad():
             masks = self.masks(sources)
         targets = torch.cat([images[backdoor], images[cross]])
@@ -185,7 +220,8 @@ class IABHook(TrainingHook):
         # Each generated pattern is compared with that of the image half the set away: with
         # cross_ratio 1 that pairs every poisoned image with a cross partner, as in the paper.
         shift = len(sources) // 2
-        loss = diversity_loss(sources, sources.roll(shift, 0), patterns, patterns.roll(shift, 0))
+        seen, drawn = self.view(sources), self.view(patterns)
+        loss = diversity_loss(seen, seen.roll(shift, 0), drawn, drawn.roll(shift, 0))
         return out, labels, self.params.lambda_div * loss
 
     def step(self) -> None:
@@ -200,7 +236,7 @@ class IABHook(TrainingHook):
         was_training = self.pattern.training
         self.pattern.eval()
         try:
-            patterns, masks = self.pattern(images).float(), self.masks(images).float()
+            patterns, masks = self.patterns(images).float(), self.masks(images).float()
         finally:
             self.pattern.train(was_training)
         return (images + (patterns - images) * masks).clamp(0, 1)

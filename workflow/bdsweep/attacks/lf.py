@@ -7,17 +7,26 @@ low-pass filter in the 2-D Fourier domain: frequencies within ``radius`` of DC, 
 with the image) and onto the L_inf ball of ``epsilon``. The result is shifted and scaled to the
 pixel range [0, ``scale`` * 255] (0..51 at the default 0.2, the range of the survey toolkit's
 trigger files), rounded to whole pixel values (as those uint8 files are) and added to images:
-x' = clip(x + perturbation)."""
+x' = clip(x + perturbation). A non-integer perturbation (a ``pattern`` file) is truncated to uint8 as
+the toolkit does (``rounding: "truncate"``; ``"round"`` rounds it to whole pixel values first).
+
+``pattern`` instead takes a ready trigger file (``.npy``, HWC or 1xHWC, in pixel units, e.g. the
+survey toolkit's ``resource/lowFrequency/<dataset>_<model>_0_255.npy``) and applies it exactly as the
+toolkit does (FORK ``utils/bd_img_transform/patch.py`` ``SimpleAdditiveTrigger``:
+``uint8(clip(float64(x) + float64(trigger), 0, 255))``). The toolkit's VGG19-BN files hold values in
+[0, 0.2] instead of [0, 51]: after truncation they change no pixel, so the survey's VGG19-BN LF models
+were trained without a trigger; bdsweep's own (default) perturbation is a real one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import Resource, ResourceContext, add_offset, data_poisoning, with_meta
+from . import ROUNDINGS, Resource, ResourceContext, add_offset, data_poisoning, meta_of, with_meta
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,15 @@ class LFParams:
     steps: int = 500
     batch_size: int = 128
     images: int = 5000  # attacker images (non-target, training set) the perturbation is fitted on
+    pattern: str = ""  # a ready trigger file (.npy, pixel units) to add instead of fitting one
+    rounding: str = "truncate"  # uint8 of the sum as the toolkit, or "round" the perturbation first
 
     def __post_init__(self):
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.pattern and not Path(self.pattern).expanduser().is_file():
+            raise ValueError(f"pattern: no such file: {self.pattern} (relative paths start at the working "
+                             "directory)")
         for name in ("scale", "radius", "epsilon", "step_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -56,7 +72,21 @@ def low_frequency_energy(perturbation: np.ndarray, radius: float) -> float:
     return float(spectrum[:, low_frequency_mask(perturbation.shape[0], radius)].sum() / spectrum.sum())
 
 
+def trigger_file(path: str, image_size: int) -> np.ndarray:
+    """A ready trigger file as a float64 HWC perturbation (a leading axis of 1 dropped)."""
+    perturbation = np.load(Path(path).expanduser()).astype(np.float64)
+    if perturbation.ndim == 4 and perturbation.shape[0] == 1:
+        perturbation = perturbation[0]
+    if perturbation.shape != (image_size, image_size, 3):
+        raise ValueError(f"LF pattern {path}: shape {perturbation.shape}, expected ({image_size}, {image_size}, 3)")
+    return perturbation
+
+
 def universal_perturbation(context: ResourceContext, params: LFParams) -> Resource:
+    if params.pattern:
+        perturbation = trigger_file(params.pattern, context.image_size)
+        return with_meta({"perturbation": perturbation}, {"pattern": str(params.pattern),
+                                                          "max": float(perturbation.max())})
     if context.clean_model is None or context.train_images is None or context.normalisation is None:
         raise ValueError("LF needs a clean model and the training images")
     device, size = context.device, context.image_size
@@ -98,4 +128,10 @@ def universal_perturbation(context: ResourceContext, params: LFParams) -> Resour
 @data_poisoning("lf", "LF: low-frequency universal perturbation", LFParams, universal_perturbation,
                 per_architecture=True)
 def add_perturbation(images: np.ndarray, resource: Resource, params: LFParams) -> np.ndarray:
-    return add_offset(images, np.rint(resource["perturbation"]))
+    perturbation = resource["perturbation"].astype(np.float64)
+    if "pattern" not in meta_of(resource):  # bdsweep's own: whole pixel values, as the toolkit's uint8 files
+        perturbation = np.rint(perturbation)
+    # x is whole and the clip to [0, 255] comes first, so uint8(clip(x + p)) = clip(x + floor(p)): exact in
+    # integers.
+    whole = np.floor if params.rounding == "truncate" else np.rint
+    return add_offset(images, whole(perturbation))

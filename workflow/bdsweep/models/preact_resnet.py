@@ -1,6 +1,12 @@
 """PreAct-ResNet18 (He et al., 2016, identity mappings) in its CIFAR form: 3x3 stride-1 stem, no
-max-pool, four stages of two pre-activation basic blocks, final BN-ReLU, adaptive average pooling,
-so the same network runs at 32 and 64 px."""
+max-pool, four stages of two pre-activation basic blocks, adaptive average pooling, so the same
+network runs at 32 and 64 px.
+
+As the survey's toolkit builds it (FORK ``models/preact_resnet.py``, ``PreActResNet18``; the same
+in BB): layer4's output goes straight to the pooling, with no final BN-ReLU, so the network has 16
+BN layers and 11,171,146 parameters at 10 classes. Module names and registration order (``conv1``,
+``layerK.B.bn1/conv1/bn2/conv2/shortcut.0``, ``linear``) equal FORK's, so its BN-to-conv pairing
+(CLP) and FP's ranked layer (the input of ``linear``) are the same too."""
 
 from __future__ import annotations
 
@@ -44,13 +50,12 @@ class PreActResNet18(nn.Module):
             stages.append(nn.Sequential(PreActBlock(in_channels, channels, stride), PreActBlock(channels, channels, 1)))
             in_channels = channels
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.bn = nn.BatchNorm2d(512)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
-        out = self.avgpool(F.relu(self.bn(out)))
+        out = self.avgpool(out)
         return self.linear(torch.flatten(out, 1))
 
 

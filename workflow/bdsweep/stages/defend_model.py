@@ -56,6 +56,8 @@ def add_arguments(parser):
     parser.add_argument("--runs", required=True, help="run file path pattern with {defense} and {mitigation}")
     parser.add_argument("--workers", type=int, default=1, help="runs at once (each one torch thread)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                        help="bf16 autocast on CUDA, or fp32 as the survey's toolkit (engine.precision)")
     parser.add_argument("--out", required=True, help="the manifest: every run file of the model and its status")
 
 
@@ -89,12 +91,12 @@ def up_to_date(run: RunSpec, fingerprint: str, inputs_mtime_ns: int) -> bool:
 _worker_state: dict = {}
 
 
-def _start_worker(files: ModelFiles, device: str, threads: int | None = None) -> None:
-    """What a worker keeps between runs: the files, the device and (once opened) the dataset."""
+def _start_worker(files: ModelFiles, device: str, threads: int | None = None, precision: str = "bf16") -> None:
+    """What a worker keeps between runs: the files, the device, the precision and (once opened) the dataset."""
     if threads is not None:
         torch.set_num_threads(threads)
     _worker_state.clear()
-    _worker_state.update(files=files, device=device)
+    _worker_state.update(files=files, device=device, precision=precision)
 
 
 def run_with_retries(run: RunSpec, digests: dict, files: ModelFiles, device: str, batch_percent: int,
@@ -128,18 +130,21 @@ def run_with_retries(run: RunSpec, digests: dict, files: ModelFiles, device: str
 
 
 def _run_in_worker(run: RunSpec, digests: dict, batch_percent: int) -> dict:
+    from ..engine import precision
+
     state = _worker_state
     if "dataset" not in state:
         from ..data.store import PreparedDataset
 
         state["dataset"] = PreparedDataset(state["files"].data)
-    return run_with_retries(run, digests, state["files"], state["device"], batch_percent, state["dataset"])
+    with precision(state["precision"]):
+        return run_with_retries(run, digests, state["files"], state["device"], batch_percent, state["dataset"])
 
 
 def run_all(pending: list[tuple[RunSpec, int]], digests: dict, files: ModelFiles, args) -> dict[str, dict]:
     """Run ``pending`` (run, batch percent) pairs, ``args.workers`` at a time; returns outcomes by run file."""
     if args.workers <= 1 or len(pending) <= 1:
-        _start_worker(files, args.device)
+        _start_worker(files, args.device, precision=args.precision)
         outcomes = {}
         for run, percent in pending:
             outcomes[run.out] = _run_in_worker(run, digests, percent)
@@ -157,7 +162,7 @@ def run_all(pending: list[tuple[RunSpec, int]], digests: dict, files: ModelFiles
     previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(files, args.device, 1)) as pool:  # one thread per run
+                                 initargs=(files, args.device, 1, args.precision)) as pool:  # one thread per run
             futures = {pool.submit(_run_in_worker, run, digests, percent): run for run, percent in pending}
             done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
             for future in not_done:

@@ -18,7 +18,7 @@ from ..atomic import REMAKE, atomic_path, read_npy, write_json, write_npz
 from ..attacks import HookContext, apply_in_batches, is_training_time
 from ..checkpoint import save_model
 from ..data.store import PreparedDataset
-from ..engine import EngineOptions, Recipe, as_tensor, select_device, train
+from ..engine import EngineOptions, Recipe, as_tensor, precision, select_device, train
 from ..evaluate import evaluate_model, load_poison, normalisation_of
 from ..layout import CLEAN
 from ..models import create_model
@@ -90,11 +90,16 @@ def training_checkpoint(args, options: EngineOptions) -> Checkpoint:
 
 
 def main(args):
+    options = resolve(EngineOptions, args.engine, "engine")
+    with precision(options.precision):  # IAB's mask pre-training and the evaluation too, not only training
+        train_stage(args, options)
+
+
+def train_stage(args, options: EngineOptions):
     device = select_device(args.device)
     torch.manual_seed(args.seed)
     data = PreparedDataset(args.data)
     recipe = resolve(Recipe, args.recipe, "training")
-    options = resolve(EngineOptions, args.engine, "engine")
     checkpoint = training_checkpoint(args, options)
     attack = None if args.attack == CLEAN else ATTACKS.get(args.attack)
     in_the_loop = attack is not None and is_training_time(attack)
@@ -118,6 +123,7 @@ def main(args):
         context = HookContext(images, labels, poisonable, normalisation_of(data), data.info.num_classes,
                               data.info.image_size, args.target, args.ratio, args.seed)
         hook = attack.make_hook(context, resolve(attack.params, args.attack_params, f"attack {args.attack!r}"))
+        recipe = hook.training_recipe(recipe)
     model = create_model(args.architecture, data.info.num_classes, data.info.image_size).to(device)
 
     curve = train(model, images, labels, recipe, normalisation_of(data), args.seed,
@@ -128,7 +134,8 @@ def main(args):
     if hook is not None:
         test_indices = backdoor_test_indices(data.y_test, args.target)
         poison = {"test_indices": test_indices,
-                  "test_images": apply_in_batches(np.asarray(data.x_test[test_indices]), hook.trigger, device)}
+                  "test_images": apply_in_batches(np.asarray(data.x_test[test_indices]), hook.trigger, device,
+                                                  rounding=hook.rounding)}
         write_npz(args.out_backdoor, **poison, **{f"trigger.{k}": v for k, v in hook.state().items()})
     metrics = evaluate_model(model, data, poison, args.target, device)
 
