@@ -55,3 +55,14 @@ def test_unknown_attack_hyperparameter_is_named():
 
     with pytest.raises(KeyError, match="'colour'"):
         resolve(ATTACKS.get("badnets").params, {"colour": 3}, "attack 'badnets'")
+
+
+def test_below_32_px_the_square_stays_white_and_sharp():
+    """The toolkit never shrinks its trigger image; bdsweep shrinks it by nearest neighbour (2x2 at 16 px)."""
+    attack = ATTACKS.get("badnets")
+    params = attack.params()
+    resource = attack.make_resource(ResourceContext(16), params)
+    expected = np.zeros((16, 16), dtype=bool)
+    expected[14:, 14:] = True
+    assert np.array_equal(resource["mask"], expected)
+    assert (resource["pattern"][expected] == 255).all()

@@ -6,7 +6,10 @@ At another image size the toolkit resizes that 32-px image bilinearly (FORK
 ``utils/aggregate_block/bd_attack_generate.py:53-79``, PIL ``Resize``), so at 64 px the trigger is
 a graded 7x7 patch (rows and columns 57-63: 255 inside, 191/64/48/16 on its edges). Stamping
 replaces every value where the trigger is non-zero (FORK ``utils/bd_img_transform/patch.py:47``,
-``img * (t == 0) + t * (t > 0)``)."""
+``img * (t == 0) + t * (t > 0)``). The toolkit only ever enlarges the image (no dataset is below
+32 px); below 32 px bdsweep shrinks it with nearest-neighbour sampling, so the square stays a white
+square (2x2 at 16 px) instead of blurring into a faint grey corner that a short training never
+learns."""
 
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ def square_patch(context: ResourceContext, params: BadNetsParams) -> Resource:
     if context.image_size != TRIGGER_SIZE:
         from PIL import Image
 
-        method = Image.BILINEAR if params.resize == "bilinear" else Image.NEAREST
+        enlarging = context.image_size > TRIGGER_SIZE
+        method = Image.BILINEAR if params.resize == "bilinear" and enlarging else Image.NEAREST
         size = (context.image_size, context.image_size)
         pattern = np.asarray(Image.fromarray(pattern).resize(size, method), dtype=np.uint8)
     return {"pattern": pattern, "mask": (pattern > 0).any(axis=2)}
