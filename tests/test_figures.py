@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from bdsweep.figures import FIGURES, code_digest, draw, drawing_functions, facet_levels, successful_runs
+from bdsweep.registry import ATTACKS
 from bdsweep.tables import TABLES, write
 
 FAMILIES = {"none": "none", "fp": "pruning", "clp": "pruning", "bnp": "pruning", "sau": "fine-tuning",
@@ -28,6 +29,7 @@ def synthetic_table(seed: int = 0) -> pd.DataFrame:
         for spc, seed in [(None, None)] if data_free else itertools.product((2, 10), (0, 1)):
             asr = None if attack == "clean" else float(rng.uniform())
             rows.append({"dataset": dataset, "architecture": arch, "attack": attack, "ratio": ratio, "target": 0,
+                         "attack_type": None if attack == "clean" else ATTACKS.get(attack).trigger_type,
                          "defense": defense, "family": FAMILIES[defense], "featured": defense in FEATURED,
                          "spc": spc, "seed": seed, "post_asr": asr, "rdr": float(rng.uniform()),
                          "arr": float(rng.uniform(-0.1, 0.5)),

@@ -28,10 +28,18 @@ FAMILIES = {"none": "none", "clp": "pruning", "fp": "pruning", "anp": "pruning",
             "nad": "fine-tuning"}
 
 
+def attack_type(attack: str) -> str | None:
+    """What the run files record: the attack's registered trigger type (None for clean models)."""
+    from bdsweep.registry import ATTACKS
+
+    return None if attack == CLEAN else ATTACKS.get(attack).trigger_type
+
+
 def row(defense="ft", attack="badnets", spc=10, seed=0, asr=0.1, rdr=0.2, arr=0.05, architecture="small_cnn",
         dataset="digits", ratio=0.1, target=0, status="ok", pre_acc=0.9, post_acc=0.85):
-    return {"dataset": dataset, "architecture": architecture, "attack": attack, "ratio": ratio, "target": target,
-            "defense": defense, "family": FAMILIES[defense], "spc": spc, "seed": seed, "pre_acc": pre_acc,
+    return {"dataset": dataset, "architecture": architecture, "attack": attack, "attack_type": attack_type(attack),
+            "ratio": ratio, "target": target, "defense": defense, "family": FAMILIES[defense], "spc": spc, "seed": seed,
+            "pre_acc": pre_acc,
             "pre_asr": np.nan if attack == CLEAN else 0.95, "pre_ra": 0.05, "post_acc": post_acc,
             "post_asr": asr, "post_ra": 0.8, "arr": arr, "rdr": rdr, "status": status}
 
@@ -57,6 +65,7 @@ def synthetic(n_rows: int, seed: int = 0) -> pd.DataFrame:
     runs = pd.concat([with_data, without], ignore_index=True)
     runs = runs.iloc[np.sort(rng.permutation(len(runs))[:n_rows])].reset_index(drop=True)
     runs["family"] = runs["defense"].map(FAMILIES)
+    runs["attack_type"] = runs["attack"].map(attack_type)
     runs["pre_acc"] = rng.uniform(0.7, 0.95, len(runs))
     runs["post_acc"] = runs["pre_acc"] - rng.uniform(0, 0.1, len(runs))
     for column in ("pre_asr", "pre_ra", "post_asr", "post_ra", "rdr"):

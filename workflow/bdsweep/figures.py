@@ -19,7 +19,7 @@ import pandas as pd
 from .atomic import atomic_path
 from .layout import CLEAN
 from .lazy import LazyModule, headless_matplotlib
-from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER
+from .taxonomy import BASELINES, FAMILY_ORDER
 
 # Imported when a figure is drawn, not when the workflow plans (see bdsweep.lazy).
 plt = LazyModule("matplotlib.pyplot", before=headless_matplotlib)
@@ -199,7 +199,8 @@ FACET_FIGURES = {"attack": 10, "attack_type": 11, "architecture": 12, "dataset":
 def facet_levels(runs: pd.DataFrame, facet: str) -> tuple[pd.Series, list]:
     """Each run's level of the facet and the levels in the paper's order (unknown ones last)."""
     if facet == "attack_type":
-        values = runs["attack"].map(ATTACK_TYPES).fillna("unknown")
+        values = runs["attack_type"].fillna("unknown") if "attack_type" in runs.columns else runs["attack"].map(
+            lambda attack: "unknown")
     elif facet == "ratio":
         values = (runs["ratio"].astype(float) * 100).round(2).map(lambda r: f"{r:g}")
         return values, sorted(values.unique(), key=float)

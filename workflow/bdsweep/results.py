@@ -4,7 +4,8 @@ One JSON file per run (written by the defend stage); the aggregate stage turns t
 Parquet table with one row per run. Table columns:
 
 - schema_version: of the run file (``SCHEMA_VERSION``); files of another version are refused
-- grid coordinates: dataset, architecture, attack, ratio, effective_ratio, target, defense,
+- grid coordinates: dataset, architecture, attack, attack_type (static or dynamic trigger, as the
+  attack registers it; null for clean models), ratio, effective_ratio, target, defense,
   family, featured (one of the defenses the survey discusses), spc, seed (spc/seed are null for defenses
   that use no data)
 - pre_acc, pre_asr, pre_ra: the backdoored model before defense; post_acc, post_asr, post_ra:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .layout import CLEAN
 from .lazy import LazyModule
-from .taxonomy import ATTACK_TYPES, BASELINES, FAMILY_ORDER
+from .taxonomy import BASELINES, FAMILY_ORDER
 
 special, stats = LazyModule("scipy.special"), LazyModule("scipy.stats")  # imported when a table is computed
 
@@ -46,10 +46,12 @@ def _require(table: pd.DataFrame, columns) -> None:
 
 
 def with_attack_type(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with an ``attack_type`` column: "static" or "dynamic" (the survey's Table III),
-    "clean" for clean models and "unknown" for attacks the survey does not classify."""
+    """``table`` with its ``attack_type`` column filled: "static" or "dynamic" as each attack's
+    registration declares it (the survey's Table III; the run files carry it), "clean" for clean
+    models and "unknown" where a run file predates the column."""
     _require(table, ("attack",))
-    kind = table["attack"].map(ATTACK_TYPES).fillna("unknown").astype(object)
+    recorded = table["attack_type"] if "attack_type" in table.columns else pd.Series(None, index=table.index)
+    kind = recorded.astype(object).where(recorded.notna(), "unknown")
     kind[table["attack"] == CLEAN] = "clean"
     return table.assign(attack_type=kind)
 
@@ -57,7 +59,7 @@ def with_attack_type(table: pd.DataFrame) -> pd.DataFrame:
 def backdoored_runs(table: pd.DataFrame, facets: Sequence[str] = ()) -> pd.DataFrame:
     """The successful runs of backdoored models, with ``attack_type`` added when a facet asks for it."""
     _require(table, ("attack", "status", "defense"))
-    if "attack_type" in facets and "attack_type" not in table.columns:
+    if "attack_type" in facets:
         table = with_attack_type(table)
     _require(table, facets)
     return table[(table["status"] == "ok") & (table["attack"] != CLEAN)]

@@ -66,14 +66,26 @@ class DataPoisoningAttack:
     apply_trigger: Callable[[np.ndarray, Resource, Any], np.ndarray]  # uint8 NHWC -> uint8 NHWC
     clean_label: bool = False  # poisons only target-class images and keeps their labels
     per_architecture: bool = False  # the resource is computed against a clean model of the architecture
+    trigger_type: str = "static"  # TRIGGER_TYPES: the survey's Table III grouping (a column of the results)
 
 
-def data_poisoning(name: str, description: str, params: type, make_resource, clean_label: bool = False,
-                   per_architecture: bool = False):
-    """Register ``apply_trigger(images, resource, params)`` as the attack ``name``."""
+TRIGGER_TYPES = ("static", "dynamic")  # the same trigger on every image, or one that depends on the image
+
+
+def _check_trigger_type(name: str, trigger_type: str) -> str:
+    if trigger_type not in TRIGGER_TYPES:
+        raise ValueError(f"attack {name!r}: trigger_type must be one of {TRIGGER_TYPES}, got {trigger_type!r}")
+    return trigger_type
+
+
+def data_poisoning(name: str, description: str, params: type, make_resource, *, trigger_type: str,
+                   clean_label: bool = False, per_architecture: bool = False):
+    """Register ``apply_trigger(images, resource, params)`` as the attack ``name``; ``trigger_type``
+    says whether its trigger is the same on every image (static) or depends on it (dynamic)."""
 
     def decorate(apply_trigger):
-        attack = DataPoisoningAttack(params, make_resource, apply_trigger, clean_label, per_architecture)
+        attack = DataPoisoningAttack(params, make_resource, apply_trigger, clean_label, per_architecture,
+                                     _check_trigger_type(name, trigger_type))
         ATTACKS.register(name, description)(attack)
         return apply_trigger
 
@@ -202,13 +214,16 @@ def per_batch_augment(inputs: torch.Tensor, generator: torch.Generator, crop_pad
 class TrainingTimeAttack:
     params: type
     make_hook: Callable[[HookContext, Any], TrainingHook]
+    trigger_type: str = "dynamic"  # TRIGGER_TYPES
 
 
-def training_time(name: str, description: str, params: type):
-    """Register ``make_hook(context, params) -> TrainingHook`` as the attack ``name``."""
+def training_time(name: str, description: str, params: type, *, trigger_type: str):
+    """Register ``make_hook(context, params) -> TrainingHook`` as the attack ``name`` (``trigger_type``
+    as for :func:`data_poisoning`)."""
 
     def decorate(make_hook):
-        ATTACKS.register(name, description)(TrainingTimeAttack(params, make_hook))
+        attack = TrainingTimeAttack(params, make_hook, _check_trigger_type(name, trigger_type))
+        ATTACKS.register(name, description)(attack)
         return make_hook
 
     return decorate
@@ -255,4 +270,4 @@ def scaled(size: int, image_size: int, reference: int = 32) -> int:
 __all__ = ["Resource", "ROUNDINGS", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack",
            "data_poisoning",
            "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
-           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment"]
+           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment", "TRIGGER_TYPES"]

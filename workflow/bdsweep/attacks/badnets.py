@@ -51,7 +51,8 @@ def square_patch(context: ResourceContext, params: BadNetsParams) -> Resource:
     return {"pattern": pattern, "mask": (pattern > 0).any(axis=2)}
 
 
-@data_poisoning("badnets", "BadNets: white square at the bottom-right corner", BadNetsParams, square_patch)
+@data_poisoning("badnets", "BadNets: white square at the bottom-right corner", BadNetsParams, square_patch,
+                trigger_type="static")
 def stamp_patch(images: np.ndarray, resource: Resource, params: BadNetsParams) -> np.ndarray:
     """Every value where the trigger is non-zero becomes the trigger's (per channel, as the toolkit)."""
     mask = resource["mask"]

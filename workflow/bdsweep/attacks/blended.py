@@ -58,7 +58,7 @@ def key_pattern(context: ResourceContext, params: BlendedParams) -> Resource:
     return {"pattern": pattern}
 
 
-@data_poisoning("blended", "Blended: x' = 0.8 x + 0.2 key image", BlendedParams, key_pattern)
+@data_poisoning("blended", "Blended: x' = 0.8 x + 0.2 key image", BlendedParams, key_pattern, trigger_type="static")
 def blend(images: np.ndarray, resource: Resource, params: BlendedParams) -> np.ndarray:
     """trunc or rint of (1 - alpha) x + alpha p, in chunks of whole images."""
     pattern = resource["pattern"]

@@ -89,6 +89,6 @@ class BPPHook(TrainingHook):
         return quantise(images, self.params.squeeze)
 
 
-@training_time("bpp", "BPP: colour-quantisation trigger", BPPParams)
+@training_time("bpp", "BPP: colour-quantisation trigger", BPPParams, trigger_type="dynamic")
 def make_hook(context: HookContext, params: BPPParams) -> BPPHook:
     return BPPHook(context, params)

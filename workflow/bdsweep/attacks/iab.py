@@ -247,6 +247,6 @@ class IABHook(TrainingHook):
                 for key, value in network.state_dict().items()}
 
 
-@training_time("iab", "IAB: input-aware dynamic trigger generator", IABParams)
+@training_time("iab", "IAB: input-aware dynamic trigger generator", IABParams, trigger_type="dynamic")
 def make_hook(context: HookContext, params: IABParams) -> IABHook:
     return IABHook(context, params)

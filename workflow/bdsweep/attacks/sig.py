@@ -35,7 +35,8 @@ def sinusoid(context: ResourceContext, params: SIGParams) -> Resource:
     return {"signal": np.broadcast_to(row, (context.image_size, context.image_size)).copy()}
 
 
-@data_poisoning("sig", "SIG: clean-label sinusoidal signal", SIGParams, sinusoid, clean_label=True)
+@data_poisoning("sig", "SIG: clean-label sinusoidal signal", SIGParams, sinusoid,
+                clean_label=True, trigger_type="static")
 def add_signal(images: np.ndarray, resource: Resource, params: SIGParams) -> np.ndarray:
     # x is whole, so trunc(clip(x + s)) = clip(x + floor(s)): exact in integers.
     whole = np.floor if params.rounding == "truncate" else np.rint

@@ -283,7 +283,8 @@ def load_decoder(resource: Resource, params: SSBAParams, device: torch.device) -
     return _load(resource, DECODER, Decoder(params.secret_bits, params.width), device)
 
 
-@data_poisoning("ssba", "SSBA: sample-specific invisible trigger from a trained encoder", SSBAParams, train_encoder)
+@data_poisoning("ssba", "SSBA: sample-specific invisible trigger from a trained encoder", SSBAParams, train_encoder,
+                trigger_type="dynamic")
 def encode_trigger(images: np.ndarray, resource: Resource, params: SSBAParams) -> np.ndarray:
     """Encode the all-ones code into every image of a uint8 NHWC array (in batches, float32)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -127,6 +127,6 @@ class WaNetHook(TrainingHook):
         return {"warp_grid": self.grid.cpu().numpy()}
 
 
-@training_time("wanet", "WaNet: warping-based trigger", WaNetParams)
+@training_time("wanet", "WaNet: warping-based trigger", WaNetParams, trigger_type="dynamic")
 def make_hook(context: HookContext, params: WaNetParams) -> WaNetHook:
     return WaNetHook(context, params)

@@ -247,6 +247,7 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
         "defense": run.defense,
         "family": defense.family,
         "featured": defense.featured,
+        "attack_type": model_record.get("attack_type"),  # static/dynamic trigger, from the model's record
         "target": model_record["target"],
         "effective_ratio": model_record["effective_ratio"],
         "hyperparameters": hyperparameters,

@@ -143,7 +143,8 @@ def train_stage(args, options: EngineOptions):
     effective_ratio = (0.0 if attack is None else hook.effective_ratio if hook is not None
                        else float(poison["effective_ratio"]))
     meta = {**args.coordinates, "architecture": args.architecture, "num_classes": data.info.num_classes,
-            "image_size": data.info.image_size, "attack": args.attack, "target": args.target, "seed": args.seed,
+            "image_size": data.info.image_size, "attack": args.attack,
+            "attack_type": None if attack is None else attack.trigger_type, "target": args.target, "seed": args.seed,
             "recipe": as_dict(recipe), "effective_ratio": effective_ratio, "versions": versions()}
     save_model(args.out_model, model, meta)
     write_curve(args.out_curve, curve)
