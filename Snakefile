@@ -10,7 +10,10 @@ min_version("9.0")
 # Without --configfile: config.yaml of the working directory, else the workflow's own (the demo).
 if "datasets" not in config:
 
-    configfile: "config.yaml" if os.path.exists("config.yaml") else os.path.join(workflow.basedir, "config.yaml")
+    configfile:
+        "config.yaml"
+        if os.path.exists("config.yaml")
+        else os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "workflow/rules/common.smk"
@@ -39,8 +42,8 @@ rule table:
 
 # Everything: the results (above), every figure and every summary table.
 rule all:
+    default_target: True
     input:
         rules.table.input,
         expand(FIGURE, figure=FIGURE_NAMES, ext=("png", "pdf")),
         expand(SUMMARY, summary=SUMMARY_NAMES, ext=("csv", "md")),
-    default_target: True

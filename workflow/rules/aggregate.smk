@@ -20,6 +20,11 @@ rule aggregate_runs:
         owners = runs_by_manifest(input)
         # An unreadable run file: the message (and the log) gives the command that recomputes it,
         # this Snakemake command line forcing its model's job.
-        aggregate(list(owners), output[0], log[0], cache=os.path.join(RESULTS, ".cache", "runs.parquet"),
-                  remedy=lambda bad: "Recompute them with:\n  "
-                  + remake_command(sys.argv, [owners[path] for path in bad]))
+        aggregate(
+            list(owners),
+            output[0],
+            log[0],
+            cache=os.path.join(RESULTS, ".cache", "runs.parquet"),
+            remedy=lambda bad: "Recompute them with:\n  "
+            + remake_command(sys.argv, [owners[path] for path in bad]),
+        )

@@ -12,7 +12,12 @@ sys.path.insert(0, WORKFLOW_DIR)
 shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 
 from bdsweep import grid, layout  # noqa: E402
-from bdsweep.config import ConfigError, check_class_sizes, unimplemented, validate_config  # noqa: E402
+from bdsweep.config import (
+    ConfigError,
+    check_class_sizes,
+    unimplemented,
+    validate_config,
+)  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
@@ -23,41 +28,84 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 _skipped = unimplemented(config)
 if _skipped:
-    logger.warning(f"bdsweep: not implemented yet, left out of the grid: {', '.join(_skipped)}")
+    logger.warning(
+        f"bdsweep: not implemented yet, left out of the grid: {', '.join(_skipped)}"
+    )
 
 # mitigation.source: by default (train) partitions come from the whole training set and attacks may
 # poison any image, so no job needs a pool; with reserved_pool, partitions, poison files and
 # training-time attacks read the dataset's pool (dataset_and_pool below).
 RESERVED_POOL = CONFIG["mitigation"]["source"] == "reserved_pool"
-if RESERVED_POOL and max(CONFIG["mitigation"]["spc"]) + 1 >= CONFIG["mitigation"]["pool_per_class"]:
-    logger.warning("bdsweep: the largest SPC (and its extra validation image) takes the whole reserved pool, so "
-                   "its partitions hold the same images for every seed; raise mitigation.pool_per_class")
+if (
+    RESERVED_POOL
+    and max(CONFIG["mitigation"]["spc"]) + 1 >= CONFIG["mitigation"]["pool_per_class"]
+):
+    logger.warning(
+        "bdsweep: the largest SPC (and its extra validation image) takes the whole reserved pool, so "
+        "its partitions hold the same images for every seed; raise mitigation.pool_per_class"
+    )
 
 RESULTS = CONFIG["results"]
-(DATA_DIR, POOL, PARTITION, RESOURCE, POISON, MODEL, MODEL_METRICS, MODEL_CURVE, MODEL_BACKDOOR, RUN, MANIFEST, TABLE,
- FIGURE, SUMMARY) = (
+(
+    DATA_DIR,
+    POOL,
+    PARTITION,
+    RESOURCE,
+    POISON,
+    MODEL,
+    MODEL_METRICS,
+    MODEL_CURVE,
+    MODEL_BACKDOOR,
+    RUN,
+    MANIFEST,
+    TABLE,
+    FIGURE,
+    SUMMARY,
+) = (
     layout.under(RESULTS, pattern)
-    for pattern in (layout.DATA_DIR, layout.POOL, layout.PARTITION, layout.RESOURCE, layout.POISON, layout.MODEL,
-                    layout.MODEL_METRICS, layout.MODEL_CURVE, layout.MODEL_BACKDOOR, layout.RUN, layout.MANIFEST,
-                    layout.TABLE, layout.FIGURE, layout.SUMMARY)
+    for pattern in (
+        layout.DATA_DIR,
+        layout.POOL,
+        layout.PARTITION,
+        layout.RESOURCE,
+        layout.POISON,
+        layout.MODEL,
+        layout.MODEL_METRICS,
+        layout.MODEL_CURVE,
+        layout.MODEL_BACKDOOR,
+        layout.RUN,
+        layout.MANIFEST,
+        layout.TABLE,
+        layout.FIGURE,
+        layout.SUMMARY,
+    )
 )
 LOGS = os.path.join(RESULTS, "logs")
 # The runs of each (dataset, architecture)'s models, as the defend_model rule's `--defenses` (equal
 # for every model of the pair, so computed once per pair).
 DEFENSE_PLANS = {
-    (dataset, architecture): json.dumps(grid.defense_plan(CONFIG, dataset, architecture), sort_keys=True)
+    (dataset, architecture): json.dumps(
+        grid.defense_plan(CONFIG, dataset, architecture), sort_keys=True
+    )
     for dataset in CONFIG["datasets"]
     for architecture in CONFIG["architectures"]
 }
 MODELS = [MODEL.format(**model.wildcards()) for model in grid.models(CONFIG)]
-MANIFESTS = [MANIFEST.format(**model.wildcards()) for model in grid.models(CONFIG)
-             if DEFENSE_PLANS[model.dataset, model.architecture] != "{}"]
+MANIFESTS = [
+    MANIFEST.format(**model.wildcards())
+    for model in grid.models(CONFIG)
+    if DEFENSE_PLANS[model.dataset, model.architecture] != "{}"
+]
 FIGURE_NAMES = sorted(FIGURES)
 SUMMARY_NAMES = sorted(TABLES)
 CONDA_ENV = "../../envs/bdsweep.yaml"
 # Attacks that poison inside the training loop have a train rule of their own (train.smk).
-TRAINING_TIME_ATTACKS = [name for name in CONFIG["attacks"] if grid.is_training_time(name)]
-DATA_POISONING_ATTACKS = [name for name in CONFIG["attacks"] if name not in TRAINING_TIME_ATTACKS] + [layout.CLEAN]
+TRAINING_TIME_ATTACKS = [
+    name for name in CONFIG["attacks"] if grid.is_training_time(name)
+]
+DATA_POISONING_ATTACKS = [
+    name for name in CONFIG["attacks"] if name not in TRAINING_TIME_ATTACKS
+] + [layout.CLEAN]
 ATTACKS_WITH_RESOURCES = DATA_POISONING_ATTACKS[:-1]
 
 
@@ -94,13 +142,23 @@ def params_of(section):
     architecture, where the job has one), as JSON."""
     wildcard = {"attacks": "attack", "defenses": "defense"}.get(section)
     return lambda wildcards: grid.params_json(
-        CONFIG, section, wildcards[wildcard] if wildcard else None, wildcards.dataset, wildcards.get("architecture")
+        CONFIG,
+        section,
+        wildcards[wildcard] if wildcard else None,
+        wildcards.dataset,
+        wildcards.get("architecture"),
     )
 
 
 def model_coordinates(wildcards):
-    return json.dumps({"dataset": wildcards.dataset, "architecture": wildcards.architecture,
-                       "attack": wildcards.attack, "ratio": float(wildcards.ratio)})
+    return json.dumps(
+        {
+            "dataset": wildcards.dataset,
+            "architecture": wildcards.architecture,
+            "attack": wildcards.attack,
+            "ratio": float(wildcards.ratio),
+        }
+    )
 
 
 def one_of(names):
@@ -109,13 +167,23 @@ def one_of(names):
 
 
 def clean_model(dataset, architecture):
-    return MODEL.format(dataset=dataset, architecture=architecture, attack=layout.CLEAN, ratio=layout.CLEAN_RATIO)
+    return MODEL.format(
+        dataset=dataset,
+        architecture=architecture,
+        attack=layout.CLEAN,
+        ratio=layout.CLEAN_RATIO,
+    )
 
 
 def poison_file(wildcards):
     """The poison file a data-poisoning attack's model trains on."""
     scope = grid.resource_scope(wildcards.attack, wildcards.architecture)
-    return POISON.format(dataset=wildcards.dataset, scope=scope, attack=wildcards.attack, ratio=wildcards.ratio)
+    return POISON.format(
+        dataset=wildcards.dataset,
+        scope=scope,
+        attack=wildcards.attack,
+        ratio=wildcards.ratio,
+    )
 
 
 def backdoor_test_set(wildcards):
@@ -146,7 +214,9 @@ def train_inputs(wildcards):
 
 def optional_flag(flag, name):
     """Rule params: ``flag <input.name>`` when the job has that input, else nothing."""
-    return lambda wildcards, input: f"{flag} {shlex.quote(input[name])}" if name in input.keys() else ""
+    return lambda wildcards, input: (
+        f"{flag} {shlex.quote(input[name])}" if name in input.keys() else ""
+    )
 
 
 def defend_model_inputs(wildcards):
@@ -154,8 +224,10 @@ def defend_model_inputs(wildcards):
     partition its data-using defenses draw on."""
     plan = grid.defense_plan(CONFIG, wildcards.dataset, wildcards.architecture)
     tokens = {token for entry in plan.values() for token in entry["mitigations"]}
-    partitions = [PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
-                  for spc, seed in sorted(map(layout.parse_mitigation, tokens - {layout.NO_DATA}))]
+    partitions = [
+        PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
+        for spc, seed in sorted(map(layout.parse_mitigation, tokens - {layout.NO_DATA}))
+    ]
     return {
         "data": data_files(wildcards.dataset),
         "model": MODEL.format(**wildcards),

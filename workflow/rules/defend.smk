@@ -10,25 +10,31 @@ rule defend_model:
         unpack(defend_model_inputs),
     output:
         MANIFEST,
-    params:
-        defenses=lambda wildcards: defense_plan(wildcards.dataset, wildcards.architecture),
-        coordinates=model_coordinates,
-        partitions=lambda wildcards: PARTITION.format(dataset=wildcards.dataset, spc="{spc}", seed="{seed}"),
-        runs=lambda wildcards: RUN.format(**wildcards, defense="{defense}", mitigation="{mitigation}"),
-        backdoor=optional_flag("--backdoor", "backdoor"),
-        device=CONFIG["device"],
-        precision=CONFIG["engine"]["precision"],
-        directory=lambda wildcards, input: os.path.dirname(input.data),
     log:
         os.path.join(LOGS, "runs/{dataset}/{architecture}/{attack}/{ratio}.log"),
-    # Runs at once in this job, one torch thread each (profiles raise it: several runs per GPU).
-    threads: 1
     # A run out of GPU memory is retried in the job at half its batch sizes, twice, each time
     # recorded beside its run file (<run>.oom); then the job exits with code 75 and this retry (the
     # same command: other runs keep their full batch sizes) goes on from the recorded size.
     retries: 2
     conda:
         CONDA_ENV
+    # Runs at once in this job, one torch thread each (profiles raise it: several runs per GPU).
+    threads: 1
+    params:
+        defenses=lambda wildcards: defense_plan(
+            wildcards.dataset, wildcards.architecture
+        ),
+        coordinates=model_coordinates,
+        partitions=lambda wildcards: PARTITION.format(
+            dataset=wildcards.dataset, spc="{spc}", seed="{seed}"
+        ),
+        runs=lambda wildcards: RUN.format(
+            **wildcards, defense="{defense}", mitigation="{mitigation}"
+        ),
+        backdoor=optional_flag("--backdoor", "backdoor"),
+        device=CONFIG["device"],
+        precision=CONFIG["engine"]["precision"],
+        directory=lambda wildcards, input: os.path.dirname(input.data),
     shell:
         "BDSWEEP_HISTORY={log}.history python -m bdsweep defend-model --model {input.model} --model-metrics {input.metrics}"
         " --data {params.directory} {params.backdoor} --defenses {params.defenses:q}"

@@ -8,16 +8,20 @@ rule figure:
     input:
         TABLE,
     output:
-        png=report(FIGURE.replace("{ext}", "png"), caption="../report/caption.rst", category="Figures"),
+        png=report(
+            FIGURE.replace("{ext}", "png"),
+            caption="../report/caption.rst",
+            category="Figures",
+        ),
         pdf=FIGURE.replace("{ext}", "pdf"),
+    log:
+        os.path.join(LOGS, "figures/{figure}.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         code=lambda wildcards: code_digest(wildcards.figure),
         caption=lambda wildcards: FIGURES[wildcards.figure].caption,
-    log:
-        os.path.join(LOGS, "figures/{figure}.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "python -m bdsweep figure {wildcards.figure} --table {input} --png {output.png} --pdf {output.pdf} > {log} 2>&1"
 
@@ -26,14 +30,18 @@ rule summary_table:
     input:
         TABLE,
     output:
-        csv=report(SUMMARY.replace("{ext}", "csv"), caption="../report/caption.rst", category="Tables"),
+        csv=report(
+            SUMMARY.replace("{ext}", "csv"),
+            caption="../report/caption.rst",
+            category="Tables",
+        ),
         md=SUMMARY.replace("{ext}", "md"),
-    params:
-        caption=lambda wildcards: TABLES[wildcards.summary].caption,
     log:
         os.path.join(LOGS, "tables/{summary}.log"),
-    threads: 1
     conda:
         CONDA_ENV
+    threads: 1
+    params:
+        caption=lambda wildcards: TABLES[wildcards.summary].caption,
     shell:
         "python -m bdsweep summary {wildcards.summary} --table {input} --csv {output.csv} --md {output.md} > {log} 2>&1"

@@ -8,15 +8,15 @@ rule reserve_pool:
         data=lambda wildcards: data_files(wildcards.dataset),
     output:
         POOL,
+    log:
+        os.path.join(LOGS, "partitions/{dataset}/pool.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         per_class=CONFIG["mitigation"]["pool_per_class"],
         seed=CONFIG["seed"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
-    log:
-        os.path.join(LOGS, "partitions/{dataset}/pool.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "python -m bdsweep pool --data {params.directory} --per-class {params.per_class} --seed {params.seed}"
         " --out {output} > {log} 2>&1"
@@ -27,14 +27,14 @@ rule draw_partition:
         unpack(dataset_and_pool),
     output:
         PARTITION,
+    log:
+        os.path.join(LOGS, "partitions/{dataset}/spc{spc}-seed{seed}.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         pool=optional_flag("--pool", "pool"),
         directory=lambda wildcards, input: os.path.dirname(input.data),
-    log:
-        os.path.join(LOGS, "partitions/{dataset}/spc{spc}-seed{seed}.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "python -m bdsweep partition --data {params.directory} {params.pool} --spc {wildcards.spc}"
         " --seed {wildcards.seed} --out {output} > {log} 2>&1"

@@ -9,17 +9,17 @@ rule poison_dataset:
         resource=RESOURCE,
     output:
         POISON,
+    log:
+        os.path.join(LOGS, "poison/{dataset}/{scope}/{attack}/{ratio}.log"),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         attack=params_of("attacks"),
         pool=optional_flag("--pool", "pool"),
         target=CONFIG["target"],
         seed=CONFIG["seed"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
-    log:
-        os.path.join(LOGS, "poison/{dataset}/{scope}/{attack}/{ratio}.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "python -m bdsweep poison --data {params.directory} {params.pool} --resource {input.resource}"
         " --attack {wildcards.attack} --params {params.attack:q} --ratio {wildcards.ratio}"

@@ -10,21 +10,25 @@ rule attack_resource:
         unpack(resource_inputs),
     output:
         RESOURCE,
+    log:
+        os.path.join(LOGS, "resources/{dataset}/{scope}/{attack}.log"),
     wildcard_constraints:
-        attack=one_of([name for name in ATTACKS_WITH_RESOURCES if grid.resource_needs_gpu(name)]),
+        attack=one_of(
+            [name for name in ATTACKS_WITH_RESOURCES if grid.resource_needs_gpu(name)]
+        ),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         attack=params_of("attacks"),
         clean_model=optional_flag("--clean-model", "clean_model"),
         target=CONFIG["target"],
         seed=CONFIG["seed"],
         # A pattern is numpy work: its job runs on a CPU whatever the configured device.
-        device=lambda wildcards: CONFIG["device"] if grid.resource_needs_gpu(wildcards.attack) else "cpu",
+        device=lambda wildcards: (
+            CONFIG["device"] if grid.resource_needs_gpu(wildcards.attack) else "cpu"
+        ),
         directory=lambda wildcards, input: os.path.dirname(input.data),
-    log:
-        os.path.join(LOGS, "resources/{dataset}/{scope}/{attack}.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "BDSWEEP_HISTORY={log}.history python -m bdsweep resource --data {params.directory} --attack {wildcards.attack}"
         " --params {params.attack:q} {params.clean_model} --target {params.target} --seed {params.seed}"
@@ -33,4 +37,10 @@ rule attack_resource:
 
 use rule attack_resource as attack_pattern with:
     wildcard_constraints:
-        attack=one_of([name for name in ATTACKS_WITH_RESOURCES if not grid.resource_needs_gpu(name)]),
+        attack=one_of(
+            [
+                name
+                for name in ATTACKS_WITH_RESOURCES
+                if not grid.resource_needs_gpu(name)
+            ]
+        ),

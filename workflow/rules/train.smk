@@ -11,8 +11,13 @@ rule train_model:
         model=MODEL,
         metrics=MODEL_METRICS,
         curve=MODEL_CURVE,
+    log:
+        os.path.join(LOGS, "models/{dataset}/{architecture}/{attack}/{ratio}.log"),
     wildcard_constraints:
         attack=one_of(DATA_POISONING_ATTACKS),
+    conda:
+        CONDA_ENV
+    threads: 1
     params:
         attack_inputs=optional_flag("--poison", "poison"),
         recipe=params_of("training"),
@@ -23,11 +28,6 @@ rule train_model:
         seed=CONFIG["seed"],
         device=CONFIG["device"],
         directory=lambda wildcards, input: os.path.dirname(input.data),
-    log:
-        os.path.join(LOGS, "models/{dataset}/{architecture}/{attack}/{ratio}.log"),
-    threads: 1
-    conda:
-        CONDA_ENV
     shell:
         "BDSWEEP_HISTORY={log}.history python -m bdsweep train --data {params.directory} --attack {wildcards.attack} {params.attack_inputs}"
         " --architecture {wildcards.architecture} --recipe {params.recipe:q} --engine {params.engine:q}"
