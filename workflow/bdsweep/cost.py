@@ -196,31 +196,32 @@ class Throughput:
         if estimate is None:
             raise ThroughputError(
                 f"no throughput for (architecture {architecture!r}, {size} px) on device {self.device!r} in "
-                f"{self.path}, and the architecture registers no forward_gflops at {size} px to estimate it "
+                f"{self.path}, nor a forward_gflops registered for it and for a listed one to estimate it "
                 f"from; measure it: python benchmarks/stage_costs.py --device "
                 f"{'cpu' if self.device == 'cpu' else 'cuda'} --architectures "
                 f"{architecture} --sizes {size} --name {self.device} --out {self.path}")
         return estimate
 
     def _from_flops(self, architecture: str, size: int, rates: dict) -> float | None:
-        def gflops(name: str) -> float | None:
+        def gflops(name: str, at: int) -> float | None:
             try:
-                return ARCHITECTURES.entry(name).facts.get("forward_gflops", {}).get(size)
+                return ARCHITECTURES.entry(name).facts.get("forward_gflops", {}).get(at)
             except KeyError:
                 return None
 
-        own = gflops(architecture)
-        listed = {name: (float(by_size[size]), gflops(name)) for name, by_size in rates.items()
-                  if (by_size or {}).get(size) and gflops(name)}
+        own = gflops(architecture, size)
+        listed = {(name, at): (float(rate), gflops(name, at)) for name, by_size in rates.items()
+                  for at, rate in (by_size or {}).items() if rate and gflops(name, at)}
         if not own or not listed:
             return None
-        reference = min(listed, key=lambda name: abs(math.log(listed[name][1] / own)))
+        # the listed (architecture, size) nearest in GFLOPs, preferring the same size
+        reference = min(listed, key=lambda key: (key[1] != size, abs(math.log(listed[key][1] / own))))
         rate, reference_gflops = listed[reference]
         if (architecture, size) not in self.estimated:
             self.estimated.add((architecture, size))
             warnings.warn(f"cost: no throughput for {architecture!r} at {size} px on {self.device!r} in {self.path}: "
-                          f"estimated from {reference!r}'s by forward GFLOPs ({reference_gflops} vs {own})",
-                          stacklevel=3)
+                          f"estimated from {reference[0]!r} at {reference[1]} px by forward GFLOPs "
+                          f"({reference_gflops} vs {own})", stacklevel=3)
         return rate * reference_gflops / own
 
     def hours(self, passes: float, architecture: str, size: int) -> float:
