@@ -177,9 +177,11 @@ def test_few_images_are_noted(digits_backdoor):
 
 
 def test_mm_bd_through_the_defend_stage_lowers_asr(digits_backdoor):
-    # No projection and the last bounds returned: a narrow window on this model (50 epochs at lr 0.1 cost 35
-    # points of accuracy, 40 leave ASR at 0.56).
-    record = defend(digits_backdoor, "mm-bd", {"epochs": 45, "lr": 0.1}, out="mmbd.json")
+    # No projection and the last bounds returned: a narrow window on this model. Measured at lr 0.1 with the
+    # defend stage's seeds for coordinates seed 0-2 (one thread; pre ASR 0.92, ACC 0.95): 30 epochs leave ASR
+    # at 0.51-0.57; 35 give ASR 0.27-0.33 and ACC 0.929-0.933; 38 give ASR 0.14-0.17, ACC 0.90-0.93; 45 cost
+    # 40 points of accuracy. At 35 both bounds below keep a margin of at least 0.07 (issue 23).
+    record = defend(digits_backdoor, "mm-bd", {"epochs": 35, "lr": 0.1}, out="mmbd.json")
     assert record["status"] == "ok" and record["defense"] == "mm-bd" and record["family"] == "pruning"
     print(record["pre"], record["post"], record["details"]["lambda_final"])
     assert record["hyperparameters"]["lr"] == 0.1 and record["details"]["bounded_channels"] > 0
