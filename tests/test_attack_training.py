@@ -32,8 +32,9 @@ for _name in ("wanet", "bpp"):
 # IAB with the toolkit's recipe (constant lr 0.05, augmentation before poisoning, normalised generator inputs)
 # reaches ASR 1.0 but clean ACC 0.16 in 12 epochs: the short schedule keeps the earlier recipe.
 OVERRIDES["iab"] = {**OVERRIDES["iab"], "schedule": "training", "augment_first": False, "normalised": False}
-# What a short CPU training must reach at ratio 0.1 (SIG is clean-label and learns more slowly).
-MIN_ASR = {"sig": 0.7, "wanet": 0.8}
+# What a short CPU training must reach at ratio 0.1 (SIG is clean-label and learns more slowly: measured
+# over training seeds 0-2 on one thread, ASR 0.68-0.76 and ACC 0.97-0.99; issue 23).
+MIN_ASR = {"sig": 0.6, "wanet": 0.8}
 
 
 @pytest.fixture(scope="session")

@@ -69,7 +69,7 @@ def test_the_bounded_layers_are_exactly_forks_on_every_architecture(architecture
     names, relu_first = bounded_layers(model, torch.zeros(1, 3, 32, 32))
     expected = fork_layers(model, architecture)
     assert names == expected and relu_first == (architecture == "preact_resnet18")
-    counts = {"vgg19_bn": 16, "preact_resnet18": 17, "small_cnn": 4}  # PreAct: FORK's 16 BN + bdsweep's final BN
+    counts = {"vgg19_bn": 16, "preact_resnet18": 16, "small_cnn": 4}  # PreAct: FORK's 16 BN layers
     if architecture in counts:
         assert len(names) == counts[architecture]
 

@@ -111,11 +111,13 @@ def test_too_few_images_run_as_one_batch_and_no_images_return_the_identity():
 
 
 def test_npd_through_the_defend_stage_lowers_asr(digits_backdoor):
-    # 20 epochs at lr 0.05 (defaults: 50 at 0.01) keep it fast; at this scale that removes most of the backdoor.
-    record = defend(digits_backdoor, "npd", {"epochs": 20, "lr": 0.05}, out="npd.json")
+    # 30 epochs at lr 0.075 (defaults: 50 at 0.01) keep it fast. Measured with the defend stage's seeds for
+    # coordinates seed 0-2 (one thread; pre ASR 0.92, ACC 0.95): ASR 0.05-0.22, ACC 0.918-0.929 (20 epochs at
+    # 0.05, the earlier setting, left ASR at 0.53-0.69 on this model: issue 23).
+    record = defend(digits_backdoor, "npd", {"epochs": 30, "lr": 0.075}, out="npd.json")
     assert record["status"] == "ok" and record["post"] is not None
     assert record["details"]["notes"] == ["100 mitigation images < batch_size 128: one batch per epoch"]
-    assert record["details"]["channels"] == 64 and record["hyperparameters"]["lr"] == 0.05
+    assert record["details"]["channels"] == 64 and record["hyperparameters"]["lr"] == 0.075
     assert record["pre"]["asr"] > 0.7
     assert record["post"]["asr"] < 0.6 * record["pre"]["asr"]
     assert record["post"]["acc"] > record["pre"]["acc"] - 0.1

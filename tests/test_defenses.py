@@ -110,12 +110,15 @@ def test_fine_tuning_on_clean_data_removes_a_planted_backdoor(digits_backdoor):
     assert record["post"]["ra"] > record["pre"]["ra"]
 
 
-def test_clp_lowers_asr_without_data(digits_backdoor):
-    # On this four-conv model the default u = 3 prunes a single channel (ASR 0.91 -> 0.86); the
-    # backdoor's channels stand out at 2.5 standard deviations.
-    record = defend(digits_backdoor, "clp", {"u": 2.5}, partition=False)
-    assert record["details"]["pruned_channels"] > 0
-    assert record["post"]["asr"] < record["pre"]["asr"] - 0.1 and record["post"]["acc"] > 0.85
+def test_clp_runs_without_data_and_prunes(digits_backdoor):
+    # CLP is deterministic (no data, no randomness). On this four-conv model with the survey's formula it
+    # barely touches the backdoor: measured u 2.0-3.0 prune 3-1 channels, ASR 0.92 -> 0.89-0.93, ACC 0.95 ->
+    # 0.79-0.84 (u 1.5 prunes 14 and ruins the model). So this checks the data-free path and the pruning, at
+    # the default u = 3 (issue 23: an earlier model of this fixture lost 0.1 of ASR at 2.5; this one does not).
+    record = defend(digits_backdoor, "clp", {}, partition=False)
+    assert record["status"] == "ok" and record["hyperparameters"]["u"] == 3.0
+    assert record["details"]["pruned_channels"] >= 1
+    assert record["post"]["asr"] < record["pre"]["asr"] and record["post"]["acc"] > 0.8
 
 
 def conv_bn(out_channels=8):

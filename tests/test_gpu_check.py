@@ -55,7 +55,7 @@ def test_environment_and_speed(tiny_report):
     assert all(row["status"] in ("ok", "skipped") for row in rows.values())
 
 
-def test_throughput_file_feeds_the_cost_model(tiny_report):
+def test_throughput_file_feeds_the_cost_model(tiny_report, paper_workdir):
     out, report = tiny_report
     table = read_throughput(out / "throughput.yaml")
     measured = Throughput(table, "measured")

@@ -673,7 +673,13 @@ def grid_cost(content: dict, args, throughput_file: Path, compare: str) -> None:
     from .config import validate_config
     from .cost import Throughput, estimate, read_throughput
 
-    config = validate_config(paper_preset())
+    preset = paper_preset()
+    blended = preset["attacks"].get("blended") or {}
+    if blended.get("image") and not Path(blended["image"]).exists():
+        # Blended's key image changes no job and no pass count: price the grid without the file
+        content["note"] = f"Blended's key image {blended['image']} is absent: priced with the built-in pattern"
+        preset["attacks"]["blended"] = {**blended, "image": ""}
+    config = validate_config(preset)
     for label, table, device in (("shipped", read_throughput(), compare),
                                  ("measured", read_throughput(throughput_file), args.throughput_name)):
         result = estimate(config, Throughput(table, device))
