@@ -47,12 +47,16 @@ def test_shared_pgd_examples_stay_within_the_linf_budget_and_the_pixel_range():
     images = torch.rand(6, 3, 16, 16)
     images[0] = 0.0  # saturated images: the [0, 1] clamp must bind
     images[1] = 1.0
-    params = SAUParams(trigger_norm=0.1, adv_lr=0.03, adv_steps=5)
+    params = SAUParams(trigger_norm=0.1, adv_lr=0.03, adv_steps=5, clip_to_image=True)
     adversarial, steps = shared_pgd(model, reference, images, torch.tensor([0, 1, 2, 0, 1, 2]), params)
     change = (adversarial - images).abs()
     assert change.max() <= 0.1 + 1e-6 and change.max() > 0.099  # the +eps start sits on the bound
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     assert 1 <= steps <= 5
+    # FORK's default: only the L-inf budget binds, so a saturated white image goes above 1
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    fork, _ = shared_pgd(model, reference, images, labels, replace(params, clip_to_image=False))
+    assert (fork - images).abs().max() <= 0.1 + 1e-6 and fork[1].max() > 1.0
 
 
 def linear_pair(noise=1.0):
@@ -76,7 +80,7 @@ def test_the_agreement_term_makes_the_pgd_examples_shared_mistakes():
         with torch.no_grad():
             return int(shared_mistakes(model(x), reference(x), labels, reference_labels).sum())
 
-    params = SAUParams(trigger_norm=0.05, adv_lr=0.01)
+    params = SAUParams(trigger_norm=0.05, adv_lr=0.01, clip_to_image=True)
     with_agreement, _ = shared_pgd(model, reference, images, labels, params)
     without_agreement, _ = shared_pgd(model, reference, images, labels, replace(params, beta_shared=0.0))
     assert shared((images + 0.05).clamp(0, 1)) == 0  # the starting point shares nothing
@@ -183,3 +187,15 @@ def test_sau_removes_the_planted_backdoor_through_the_defend_stage(digits_backdo
     assert record["pre"]["asr"] > 0.7
     assert record["post"]["asr"] < 0.5 * record["pre"]["asr"]
     assert record["post"]["acc"] > 0.8
+
+
+def test_the_pgd_takes_its_step_before_it_sees_that_every_example_is_shared_as_fork():
+    model, reference = linear_pair()
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    # a budget so large that the first step shares every example: FORK steps once more, then stops
+    params = SAUParams(trigger_norm=1.0, adv_lr=1.0, adv_steps=5, beta_adv=1.0)
+    fork_adv, fork_steps = shared_pgd(model, reference, images, labels, params)
+    early_adv, early_steps = shared_pgd(model, reference, images, labels, replace(params, step_when_shared=False))
+    assert early_steps < 5 and fork_steps == early_steps + 1

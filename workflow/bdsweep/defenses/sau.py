@@ -24,8 +24,9 @@ generic factory (``argparser_opt_scheduler``; ``config/defense/sau/*.yaml``: ``c
 which sets amsgrad for Adam (``utils/aggregate_block/train_settings_generate.py:49-53``); ``amsgrad=False``
 for plain Adam. Constant lr (the toolkit builds a cosine scheduler but never steps it), no augmentation (its
 loader uses test transforms); the update runs in eval mode (its ``train_mode`` False, BN statistics fixed).
-Deviations (docs/deviations.md): adversarial images are clamped to [0, 1] (the toolkit lets pixels leave
-the range); the PGD stops BEFORE a step once all are shared (the toolkit takes one more step).
+FORK's quirks, reproduced by default (docs/deviations.md): adversarial pixels may leave [0, 1]
+(``clip_to_image=True`` keeps valid images) and the PGD takes its step before it checks that every
+example is shared, so one step more than needed (``step_when_shared=False`` stops before it).
 
 Too few data: nothing is held out, so SPC 1 and 2 run as is; with fewer images than ``batch_size`` every
 round is one batch (noted); the engine skips a trailing batch of one image (noted); with fewer than 2
@@ -64,6 +65,12 @@ class SAUParams:
     lambda_adv: float = 0.0  # vanilla adversarial training term (off by default)
     lambda_shared: float = 1.0
     shared_only: bool = False  # unlearn only examples both models misclassify to one label
+    # FORK's PGD lets adversarial pixels leave [0, 1] (its start is x + eps everywhere, its steps clamp
+    # only delta); True keeps every adversarial image a valid image.
+    clip_to_image: bool = False
+    # FORK checks "every example shared" after its step, so it takes one step more than needed; False
+    # stops before that step.
+    step_when_shared: bool = True
     train_mode: bool = False  # BN in training mode for the update (the toolkit's default: eval)
     augment: bool = False  # random crop (padding 4) and flip, before the attack
     crop_padding: int = 4
@@ -98,7 +105,7 @@ def shared_pgd(model, reference, images, labels, params: SAUParams):
     with torch.no_grad():
         clean_prediction, reference_clean_prediction = model(images).argmax(1), reference(images).argmax(1)
     n, eps = len(images), params.trigger_norm
-    delta = (images + eps).clamp(0, 1) - images
+    delta = (images + eps).clamp(0, 1) - images if params.clip_to_image else torch.full_like(images, eps)
     steps = 0
     while steps < params.adv_steps:
         delta.requires_grad_(True)
@@ -106,7 +113,7 @@ def shared_pgd(model, reference, images, labels, params: SAUParams):
         moved = logits.argmax(1) != clean_prediction
         reference_moved = reference_logits.argmax(1) != reference_clean_prediction
         shared = shared_mistakes(logits, reference_logits, clean_prediction, reference_clean_prediction)
-        if shared.all():
+        if shared.all() and not params.step_when_shared:
             break
         # Raise the true label's loss only where a model still predicts as on the clean image.
         adversarial = -(F.cross_entropy(logits, labels, reduction="none")[~moved].sum()
@@ -114,8 +121,11 @@ def shared_pgd(model, reference, images, labels, params: SAUParams):
         agreement = jensen_shannon(logits, reference_logits)[~shared].sum() / n
         (grad,) = torch.autograd.grad(params.beta_adv * adversarial + params.beta_shared * agreement, delta)
         delta = (delta.detach() - params.adv_lr * grad.sign()).clamp(-eps, eps)
-        delta = (images + delta).clamp(0, 1) - images  # stay a valid image
+        if params.clip_to_image:
+            delta = (images + delta).clamp(0, 1) - images  # stay a valid image
         steps += 1
+        if shared.all():  # FORK's order: the step, then the check (step_when_shared)
+            break
     return (images + delta).detach(), steps
 
 
