@@ -160,12 +160,15 @@ def test_a_missing_throughput_entry_names_the_architecture_and_size(tmp_path, ca
     throughput = tmp_path / "throughput.yaml"
     throughput.write_text(yaml.safe_dump({"devices": {"cpu": only_32}}))
     config = read_config(DEMO)
-    config["datasets"]["digits"]["image_size"] = 64
+    config["datasets"]["digits"]["image_size"] = 64  # not listed, but estimated from its registered GFLOPs
+    result = estimate(validate_config(config), Throughput(read_throughput(throughput), "cpu"))
+    assert any("'small_cnn' at 64 px" in warning and "by forward GFLOPs" in warning for warning in result.warnings)
+    config["datasets"]["digits"]["image_size"] = 48  # neither listed nor registered at 48 px: refused
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(ThroughputError, match=r"architecture 'small_cnn', 64 px\) on device 'cpu'"):
+    with pytest.raises(ThroughputError, match=r"architecture 'small_cnn', 48 px\) on device 'cpu'"):
         estimate(validate_config(config), Throughput(read_throughput(throughput), "cpu"))
     assert bdsweep(["cost", str(tmp_path / "config.yaml"), "--device", "cpu", "--throughput", str(throughput)]) == 1
-    assert "(architecture 'small_cnn', 64 px)" in capsys.readouterr().err
+    assert "(architecture 'small_cnn', 48 px)" in capsys.readouterr().err
     assert bdsweep(["cost", str(DEMO), "--device", "tpu"]) == 1
     assert "has no device 'tpu'" in capsys.readouterr().err
 
