@@ -267,7 +267,31 @@ def scaled(size: int, image_size: int, reference: int = 32) -> int:
     return max(1, round(size * image_size / reference))
 
 
+
+class PostTransformHook(TrainingHook):
+    """What WaNet and BPP share: their rounding of stored images, the toolkit's recipe, and its
+    per-batch transform of the normalised batch (:func:`per_batch_augment`). Their params carry
+    ``rounding``, ``schedule``, ``post_transform``, ``crop_padding`` and ``rotation``; ``batch_random``
+    is the host generator of the per-batch draws."""
+
+    def start_post_transform(self, seed: int) -> None:
+        self.batch_random = torch.Generator().manual_seed(seed + 2)  # per-batch augmentation draws
+
+    @property
+    def rounding(self) -> str:
+        return self.params.rounding
+
+    def training_recipe(self, recipe):
+        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.post_transform)
+
+    def after_normalise(self, inputs):
+        if not self.params.post_transform:
+            return inputs
+        return per_batch_augment(inputs, self.batch_random, self.params.crop_padding, self.params.rotation,
+                                 self.context.normalisation.hflip)
+
 __all__ = ["Resource", "ROUNDINGS", "META", "with_meta", "meta_of", "ResourceContext", "DataPoisoningAttack",
            "data_poisoning",
            "HookContext", "TrainingHook", "TrainingTimeAttack", "training_time", "is_training_time", "apply_in_batches",
-           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment", "TRIGGER_TYPES"]
+           "in_chunks", "add_offset", "scaled", "SCHEDULES", "toolkit_recipe", "per_batch_augment", "TRIGGER_TYPES",
+           "PostTransformHook"]

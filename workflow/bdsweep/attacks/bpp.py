@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import to_unit
-from . import ROUNDINGS, SCHEDULES, HookContext, TrainingHook, per_batch_augment, toolkit_recipe, training_time
+from . import ROUNDINGS, SCHEDULES, HookContext, PostTransformHook, training_time
 
 
 @dataclass(frozen=True)
@@ -52,12 +52,12 @@ def quantise(images: torch.Tensor, levels: int) -> torch.Tensor:
     return torch.round(pixels / 255 * (levels - 1)) / (levels - 1)
 
 
-class BPPHook(TrainingHook):
+class BPPHook(PostTransformHook):
     def __init__(self, context: HookContext, params: BPPParams):
         super().__init__(context)
         self.params = params
         self.generator = torch.Generator(device=context.device).manual_seed(context.seed)
-        self.batch_random = torch.Generator().manual_seed(context.seed + 2)  # per-batch augmentation draws
+        self.start_post_transform(context.seed)
 
     def poison(self, images, labels, indices):
         backdoor, negative = self.split(indices, self.context.ratio, self.params.negative_ratio)
@@ -71,19 +71,6 @@ class BPPHook(TrainingHook):
             residual = quantise(donor, self.params.squeeze) - donor
             images[negative] = (images[negative] + residual).clamp(0, 1)
         return images, labels, None
-
-    @property
-    def rounding(self) -> str:
-        return self.params.rounding
-
-    def training_recipe(self, recipe):
-        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.post_transform)
-
-    def after_normalise(self, inputs):
-        if not self.params.post_transform:
-            return inputs
-        return per_batch_augment(inputs, self.batch_random, self.params.crop_padding, self.params.rotation,
-                                 self.context.normalisation.hflip)
 
     def trigger(self, images):
         return quantise(images, self.params.squeeze)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import Normalisation
-from . import ROUNDINGS, SCHEDULES, HookContext, TrainingHook, per_batch_augment, toolkit_recipe, training_time
+from . import ROUNDINGS, SCHEDULES, HookContext, PostTransformHook, training_time
 
 
 @dataclass(frozen=True)
@@ -85,14 +85,14 @@ def warp_normalised(images: torch.Tensor, grid: torch.Tensor, normalisation: Nor
     return warped.div(inverse_std).sub(negative_mean)
 
 
-class WaNetHook(TrainingHook):
+class WaNetHook(PostTransformHook):
     def __init__(self, context: HookContext, params: WaNetParams):
         super().__init__(context)
         self.params = params
         self.grid = warp_field(context.image_size, params, torch.Generator().manual_seed(context.seed))
         self.grid = self.grid.to(context.device)
         self.noise = torch.Generator(device=context.device).manual_seed(context.seed + 1)
-        self.batch_random = torch.Generator().manual_seed(context.seed + 2)  # per-batch augmentation draws
+        self.start_post_transform(context.seed)
 
     def poison(self, images, labels, indices):
         n_backdoor = int(self.context.ratio * len(indices))
@@ -106,19 +106,6 @@ class WaNetHook(TrainingHook):
             images[cross] = F.grid_sample(images[cross], (self.grid + noise / size).clamp(-1, 1).to(images.dtype),
                                           align_corners=True)
         return images, labels, None
-
-    @property
-    def rounding(self) -> str:
-        return self.params.rounding
-
-    def training_recipe(self, recipe):
-        return toolkit_recipe(recipe, self.params.schedule, augment=not self.params.post_transform)
-
-    def after_normalise(self, inputs):
-        if not self.params.post_transform:
-            return inputs
-        return per_batch_augment(inputs, self.batch_random, self.params.crop_padding, self.params.rotation,
-                                 self.context.normalisation.hflip)
 
     def trigger(self, images):
         return warp_normalised(images, self.grid, self.context.normalisation)
