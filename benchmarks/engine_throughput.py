@@ -35,9 +35,10 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
-from bdsweep.engine import Normalisation, Recipe, augment_batch, select_device, train  # noqa: E402
+from bdsweep.engine import Normalisation, augment_batch, select_device, train  # noqa: E402
 from bdsweep.models import create_model  # noqa: E402
 from bdsweep.models.small_cnn import SmallCNN  # noqa: E402
+from bdsweep.recipe import Recipe
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # CIFAR-10's
 BATCH_SIZE, LR, MOMENTUM, WEIGHT_DECAY, PADDING = 128, 0.01, 0.9, 5e-4, 4

@@ -35,8 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from bdsweep.atomic import atomic_path  # noqa: E402
-from bdsweep.engine import Normalisation, Recipe, select_device, train  # noqa: E402
+from bdsweep.engine import Normalisation, select_device, train  # noqa: E402
 from bdsweep.models import create_model  # noqa: E402
+from bdsweep.recipe import Recipe
 
 ARCHITECTURES = ("small_cnn", "preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large")
 CLASSES = 10

@@ -230,9 +230,9 @@ def digits(digits_backdoor):
     """The backdoored digits model and its SPC-10 mitigation data."""
     import numpy as np
 
-    from bdsweep.checkpoint import load_model
     from bdsweep.data.store import PreparedDataset
-    from bdsweep.stages.defend import mitigation_data
+    from bdsweep.model_file import load_model
+    from bdsweep.runs import mitigation_data
 
     model, _ = load_model(digits_backdoor / "model.pt")
     data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), "cpu")

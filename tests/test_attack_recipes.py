@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from bdsweep.attacks import HookContext, per_batch_augment
-from bdsweep.engine import BatchHook, Normalisation, Recipe, train
+from bdsweep.engine import BatchHook, Normalisation, train
 from bdsweep.models import create_model
+from bdsweep.recipe import Recipe
 from bdsweep.registry import ATTACKS
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)

@@ -8,7 +8,7 @@ import json
 from test_defenses import BatchedParams, temporary_defense  # noqa: F401  (a fixture)
 
 from bdsweep.cli import main
-from bdsweep.resume import RETRY_EXIT_CODE
+from bdsweep.errors import RETRY_EXIT_CODE
 
 FT = {"epochs": 1, "batch_size": 32}
 
@@ -195,7 +195,7 @@ def test_equal_contents_give_equal_files_so_fingerprints_compare_contents(tmp_pa
     import torch
 
     from bdsweep.atomic import write_npz
-    from bdsweep.checkpoint import save_model
+    from bdsweep.model_file import save_model
 
     arrays = {"images": np.arange(48, dtype=np.uint8).reshape(4, 4, 3), "labels": np.arange(4)}
     model = torch.nn.Linear(3, 2)
@@ -212,7 +212,7 @@ def test_sigterm_stops_the_job_keeping_finished_runs_and_the_rerun_resumes_the_i
         digits_backdoor, tmp_path, monkeypatch, one_thread):
     from test_defense_resume import comparable, count_steps
 
-    from bdsweep.resume import PREEMPTED_EXIT_CODE
+    from bdsweep.errors import PREEMPTED_EXIT_CODE
 
     defenses = plan(none={}, ft={"epochs": 2, "batch_size": 32})  # FT: 2 epochs x 4 batches
     steps = count_steps(monkeypatch, "ft")

@@ -146,7 +146,8 @@ def test_fork_values_and_the_cosine_is_stepped_per_batch():
         2.0, 0.1, 256, "cosine_per_batch", 100)
     import math
 
-    from bdsweep.engine import Normalisation, Recipe, train
+    from bdsweep.engine import Normalisation, train
+    from bdsweep.recipe import Recipe
 
     torch.manual_seed(0)
     model = create_model("small_cnn", num_classes=2, image_size=16)

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 import bdsweep.defenses.mmbd as mmbd
-from bdsweep.checkpoint import load_model
 from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import MitigationData
 from bdsweep.defenses.mmbd import ActivationBound, MMBDParams, bounded_layers, update_lambda
 from bdsweep.engine import Normalisation
+from bdsweep.model_file import load_model
 from bdsweep.models import create_model
 from bdsweep.registry import DEFENSES
-from bdsweep.stages.defend import mitigation_data
+from bdsweep.runs import mitigation_data
 from conftest import defend
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from bdsweep import engine
-from bdsweep.checkpoint import save_model
+from bdsweep.checkpoints import Checkpoint, load_object_state, object_state
 from bdsweep.cli import main
-from bdsweep.engine import BatchHook, NonFiniteLoss, Recipe, train
+from bdsweep.engine import BatchHook, NonFiniteLoss, train
+from bdsweep.errors import PREEMPTED_EXIT_CODE, Preempted
+from bdsweep.model_file import save_model
 from bdsweep.models import create_model
+from bdsweep.recipe import Recipe
 from bdsweep.registry import DEFENSES
-from bdsweep.resume import PREEMPTED_EXIT_CODE, Checkpoint, Preempted, load_object_state, object_state
-from bdsweep.stages.defend import run_defense
+from bdsweep.runs import run_defense
 from conftest import random_mitigation
 
 pytestmark = pytest.mark.usefixtures("one_thread")

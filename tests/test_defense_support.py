@@ -11,7 +11,7 @@ from bdsweep.defenses.support import accuracy, batches, layer_outputs, split_hel
 from bdsweep.engine import Normalisation
 from bdsweep.models import create_model
 from bdsweep.partition import draw_partition
-from bdsweep.stages.defend import mitigation_data
+from bdsweep.runs import mitigation_data
 
 NORMALISATION = Normalisation((0.5,) * 3, (0.25,) * 3, hflip=True)
 

@@ -15,9 +15,9 @@ from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData, defense
 from bdsweep.defenses.clp import channel_lipschitz
 from bdsweep.engine import Normalisation
+from bdsweep.errors import RETRY_EXIT_CODE
 from bdsweep.params import scale_batch_sizes
 from bdsweep.registry import DEFENSES
-from bdsweep.resume import RETRY_EXIT_CODE
 from conftest import defend
 
 
@@ -44,7 +44,7 @@ def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_back
     loaded = []  # everything the process reads, in order
     original_array = PreparedDataset.array
     monkeypatch.setattr(PreparedDataset, "array", lambda self, name: loaded.append(name) or original_array(self, name))
-    import bdsweep.stages.defend as stage
+    import bdsweep.runs as stage
 
     for helper in ("load_poison", "read_json"):
         original = getattr(stage, helper)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bdsweep.checkpoint import load_model, save_model
-from bdsweep.engine import BatchHook, Normalisation, Recipe, augment_batch, predict, train
+from bdsweep.engine import BatchHook, Normalisation, augment_batch, predict, train
+from bdsweep.model_file import load_model, save_model
 from bdsweep.models import create_model
+from bdsweep.recipe import Recipe
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)
 

@@ -33,7 +33,7 @@ def test_a_truncated_model_file_names_the_file_and_says_to_remake_it(tmp_path):
     ``OSError: [Errno 22] Invalid argument`` from the archive reader."""
     import torch
 
-    from bdsweep.checkpoint import read_model_file, save_model
+    from bdsweep.model_file import read_model_file, save_model
 
     torch.manual_seed(0)
     save_model(tmp_path / "whole.pt", torch.nn.Linear(60, 40), {"architecture": "linear"})

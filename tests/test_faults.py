@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bdsweep.atomic import read_arrays
-from bdsweep.checkpoint import read_model_file
+from bdsweep.model_file import read_model_file
 from conftest import REPO
 
 KILL_AT_NTH_RENAME = """

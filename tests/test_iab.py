@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from bdsweep.attacks import HookContext
 from bdsweep.attacks.iab import Generator
-from bdsweep.engine import Normalisation, Recipe, predict, to_uint8, to_unit, train
+from bdsweep.engine import Normalisation, predict, to_uint8, to_unit, train
 from bdsweep.models import create_model
 from bdsweep.params import resolve
+from bdsweep.recipe import Recipe
 from bdsweep.registry import ATTACKS
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from bdsweep.engine import Normalisation, Recipe, train
+from bdsweep.engine import Normalisation, train
 from bdsweep.models import batch_norms, conv_bn_pairs, create_model, penultimate_features
+from bdsweep.recipe import Recipe
 from bdsweep.registry import ARCHITECTURES
 
 PAPER_ARCHITECTURES = ["preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large"]

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from bdsweep.config import validate_config
-from bdsweep.engine import EngineOptions, autocast, precision
+from bdsweep.engine import autocast, precision
+from bdsweep.recipe import EngineOptions
 from conftest import REPO
 
 CUDA = torch.device("cuda")

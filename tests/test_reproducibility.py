@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from bdsweep.engine import Normalisation, Recipe, train
+from bdsweep.engine import Normalisation, train
 from bdsweep.models import create_model
+from bdsweep.recipe import Recipe
 from bdsweep.reproducibility import CPU_ENVIRONMENT
 
 

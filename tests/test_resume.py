@@ -16,11 +16,13 @@ import pytest
 import torch
 from torch import nn
 
-from bdsweep.engine import EngineOptions, Normalisation, Recipe, batch_count, train
+from bdsweep.checkpoints import Checkpoint
+from bdsweep.engine import Normalisation, batch_count, train
+from bdsweep.errors import PREEMPTED_EXIT_CODE, Preempted
 from bdsweep.models import create_model
 from bdsweep.params import resolve
+from bdsweep.recipe import EngineOptions, Recipe
 from bdsweep.registry import ATTACKS
-from bdsweep.resume import PREEMPTED_EXIT_CODE, Checkpoint, Preempted
 from conftest import REPO, synthetic_raw
 
 NORMALISATION = Normalisation((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), hflip=True)

@@ -7,7 +7,8 @@ import argparse
 import importlib
 import sys
 
-from .resume import PREEMPTED_EXIT_CODE, RETRY_EXIT_CODE, Preempted, RetryWithLess, trace
+from .checkpoints import trace
+from .errors import PREEMPTED_EXIT_CODE, RETRY_EXIT_CODE, Preempted, RetryWithLess
 from .stages import STAGES
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .engine import Recipe
 from .params import resolve
+from .recipe import Recipe
 from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES, UnknownNameError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"  # package data

@@ -37,10 +37,10 @@ import yaml
 from . import grid
 from .config import method_params
 from .data.sources import Sizes as DatasetFacts
-from .engine import Recipe
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
 from .params import resolve
 from .passes import FORWARD, MitigationSize
+from .recipe import Recipe
 from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES
 
 DEFAULT_THROUGHPUT = Path(__file__).with_name("throughput.yaml")

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resume import (
+from .checkpoints import (
     Checkpoint,
     PhaseCheckpoint,
-    Preempted,
     defense_phase,
     global_rng_state,
     load_object_state,
@@ -31,36 +30,8 @@ from .resume import (
     sigterm_requests,
     trace,
 )
-
-SCHEDULES = ("cosine", "constant", "cosine_per_batch")
-OPTIMIZERS = ("sgd", "adam", "amsgrad")  # "amsgrad": Adam with amsgrad, as BackdoorBench builds Adam
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A training recipe; the defaults are the survey's backdoored-model recipe."""
-
-    epochs: int = 100
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # "cosine" (per epoch, to 0), "constant", or "cosine_per_batch" (T_max = epochs
-    # optimiser steps, stepped after every batch, as BackdoorBench's FT-SAM: it rises again past T_max)
-    crop_padding: int = 4  # random-crop padding; 0 disables cropping
-    augment: bool = True
-    optimizer: str = "sgd"  # "sgd" (with momentum), "adam" or "amsgrad" (Adam with amsgrad; momentum unused)
-    label_smoothing: float = 0.0
-
-    def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs and batch_size must be at least 1 and lr positive")
+from .errors import Preempted
+from .recipe import PRECISIONS, EngineOptions, Recipe
 
 
 @dataclass(frozen=True)
@@ -115,7 +86,6 @@ def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
 
 
-PRECISIONS = ("bf16", "fp32")
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("bdsweep_precision", default="bf16")
 
 
@@ -230,24 +200,6 @@ class BatchHook:
         load_object_state(self, state, device)
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """How the engine runs, as opposed to what it learns (the :class:`Recipe`)."""
-
-    compile: bool = False  # torch.compile the model for the training loop
-    channels_last: bool = True  # NHWC memory format on CUDA, where convolutions run faster in it
-    checkpoint_every: int = 5  # epochs between checkpoints, when training has a checkpoint path
-    # "bf16": autocast on CUDA (faster); "fp32": none, as the survey's toolkit trained (amp off). The
-    # paper preset sets fp32; training, evaluation and the defenses all follow it (see ``precision``).
-    precision: str = "bf16"
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
-
-
 def batch_count(n: int, batch_size: int) -> int:
     """Batches per epoch. A trailing batch of one image is skipped (a different image each epoch,
     as batches are reshuffled): BatchNorm cannot normalise one sample at a 1x1 feature map."""
@@ -325,7 +277,7 @@ def train(
     ``hook`` is an attack's or a defense's part in each batch (see :class:`BatchHook`). With a
     ``checkpoint``, training resumes from it when it holds this job's state, saves it every
     ``options.checkpoint_every`` epochs and at the end, and on SIGTERM saves it after the current
-    batch and raises :class:`Preempted`. Inside a defense checkpoint (``resume.defense_checkpoints``)
+    batch and raises :class:`Preempted`. Inside a defense checkpoint (``checkpoints.defense_checkpoints``)
     a call without a checkpoint is that checkpoint's next phase. A non-finite objective raises
     :class:`NonFiniteLoss` at the end of its epoch (or at the next checkpoint), naming the batch.
     Returns the per-epoch curve (loss, accuracy, learning rate, wall-clock seconds; an epoch cut by

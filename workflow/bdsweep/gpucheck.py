@@ -229,8 +229,8 @@ def paper_preset() -> dict:
 
 def paper_recipe(preset: dict, architecture: str, **changes):
     from .config import method_params
-    from .engine import Recipe
     from .params import resolve
+    from .recipe import Recipe
 
     recipe = resolve(Recipe, method_params(preset.get("training"), DATASET, architecture), "training")
     return dataclasses.replace(recipe, **changes)
@@ -519,9 +519,10 @@ def measure_speed(content: dict, args, setup: Setup, files: Files, preset: dict,
     import torch
 
     from .data.store import PreparedDataset
-    from .engine import EngineOptions, as_tensor
+    from .engine import as_tensor
     from .evaluate import normalisation_of
     from .models import create_model
+    from .recipe import EngineOptions
 
     data = PreparedDataset(files.data)
     host_images, host_labels = np.asarray(data.x_train), np.asarray(data.y_train, dtype=np.int64)
@@ -609,8 +610,9 @@ def measure_throughput(content: dict, args, setup: Setup, preset: dict, speed: d
     import yaml
 
     from .cost import read_throughput
-    from .engine import EngineOptions, Normalisation
+    from .engine import Normalisation
     from .models import create_model
+    from .recipe import EngineOptions
 
     compare = "h100" if device.type == "cuda" else "cpu"
     shipped = read_throughput()["devices"].get(compare, {}).get("images_per_s", {})
@@ -826,7 +828,7 @@ def run_defenses(content: dict, report: Report, args, setup: Setup, files: Files
     import torch
 
     from .data.store import PreparedDataset
-    from .stages.defend import ModelFiles, RunSpec, defend, file_digest, inputs_fingerprint, model_digests
+    from .runs import ModelFiles, RunSpec, defend, file_digest, inputs_fingerprint, model_digests
 
     if not files.model.exists():
         raise FileNotFoundError(f"no reference model ({files.model}): the model section failed")

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import BatchHook, Normalisation, Recipe, as_tensor, to_uint8, to_unit
+from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
+from ..recipe import Recipe
 from ..registry import ATTACKS
 
 Resource = dict[str, np.ndarray]

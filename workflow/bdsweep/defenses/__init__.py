@@ -9,7 +9,7 @@ It receives a freshly built model carrying only weights (no metadata), the mitig
 and class count, and the extra image per class a validation split may use), its own
 hyperparameters and a device. Nothing it is given leads to test data,
 poisoned data, the trigger or the target label: the defend stage builds these arguments before it
-loads any of those, and loads them only after the defense returns (see ``bdsweep.stages.defend``).
+loads any of those, and loads them only after the defense returns (see ``bdsweep.runs``).
 """
 
 from __future__ import annotations

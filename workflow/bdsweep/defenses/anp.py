@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, augment_batch, autocast
 from ..models import batch_norms
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
-from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches, split_held_out
 

@@ -40,9 +40,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..engine import SCHEDULES, Recipe, train
+from ..engine import train
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
+from ..recipe import SCHEDULES, Recipe
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, split_held_out
 

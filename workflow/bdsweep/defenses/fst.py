@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..engine import BatchHook, Recipe, train
+from ..engine import BatchHook, train
 from ..params import check_ranges
 from ..passes import epochs_over_images
+from ..recipe import Recipe
 from . import Defended, defense, run_seed
 from .support import batching_notes, untrainable
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine import Recipe, train
+from ..engine import train
 from ..passes import epochs_over_images
+from ..recipe import Recipe
 from . import defense, run_seed
 
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import SCHEDULES, BatchHook, Recipe, autocast, train
+from ..engine import BatchHook, autocast, train
 from ..params import check_ranges
 from ..passes import epochs_over_images
+from ..recipe import SCHEDULES, Recipe
 from . import Defended, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 

@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, autocast
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
-from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
 

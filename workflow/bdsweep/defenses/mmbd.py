@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, augment_batch
 from ..models import insert_after
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
-from ..resume import loop_checkpoint
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy
 

@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BatchHook, Recipe, autocast, train
+from ..engine import BatchHook, autocast, train
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
+from ..recipe import Recipe
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches, batching_notes, layer_outputs, untrainable
 

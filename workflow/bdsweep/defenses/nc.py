@@ -55,10 +55,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..engine import BatchHook, LossWatch, Recipe, autocast, train
+from ..checkpoints import loop_checkpoint
+from ..engine import BatchHook, LossWatch, autocast, train
 from ..params import check_ranges
 from ..passes import MitigationSize
-from ..resume import loop_checkpoint
+from ..recipe import Recipe
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
 

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, autocast
 from ..models import insert_after
 from ..passes import MitigationSize
-from ..resume import loop_checkpoint
 from . import Defended, defense, run_seed
 from .support import batches
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BatchHook, Recipe, augment_batch, batch_count, train
+from ..engine import BatchHook, augment_batch, batch_count, train
 from ..params import check_ranges
 from ..passes import MitigationSize
+from ..recipe import Recipe
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 

@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine import BatchHook, Recipe, augment_batch, train
+from ..engine import BatchHook, augment_batch, train
 from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
+from ..recipe import Recipe
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 

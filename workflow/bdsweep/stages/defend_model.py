@@ -4,7 +4,7 @@ The top-level DAG has one job per model (a few hundred for the paper's grid, so 
 this job is a small make of its own over the model's runs. Each run is still its own result file,
 and a run file is up to date when it records the fingerprint of what the run depends on (defense,
 overrides, coordinates, the contents of the model, dataset, partition and backdoor test set, and
-the scale of its batch sizes after running out of memory, see ``defend.OOM_MARKER_SUFFIX``):
+the scale of its batch sizes after running out of memory, see ``runs.OOM_MARKER_SUFFIX``):
 a rerun after an interruption, a new seed, a new defense or one changed hyperparameter computes
 only the runs whose files are missing or stale. The model, dataset and backdoor test set are read
 once per worker instead of once per run, and ``--workers`` runs share one device.
@@ -23,25 +23,20 @@ from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 import torch
 
 from ..atomic import write_json
+from ..errors import Preempted
 from ..layout import parse_mitigation
-from ..resume import Preempted, RetryWithLess, trace
-from .defend import (
+from ..runs import (
     ModelFiles,
     RunSpec,
-    defend,
     device_memory,
     file_digest,
     inputs_fingerprint,
     model_digests,
     needed_batch_percent,
     oom_marker,
-    record_out_of_memory,
+    run_with_retries,
+    up_to_date,
 )
-
-# Halvings of one run's batch sizes tried inside the job before it gives up with exit 75; each is
-# recorded beside the run file (``<run>.oom``), so the rule's retry (the same command) goes on
-# from there for that run only.
-IN_JOB_HALVINGS = 2
 
 
 def add_arguments(parser):
@@ -76,18 +71,6 @@ def plan_runs(args) -> list[RunSpec]:
     return runs
 
 
-def up_to_date(run: RunSpec, fingerprint: str, inputs_mtime_ns: int) -> bool:
-    """Whether ``run``'s file exists, records ``fingerprint`` and is newer than every input file
-    (Snakemake's rule: a retrained model reruns its runs even where its bytes are unchanged)."""
-    try:
-        if os.stat(run.out).st_mtime_ns < inputs_mtime_ns:
-            return False
-        with open(run.out) as handle:
-            return json.load(handle).get("inputs_fingerprint") == fingerprint
-    except (OSError, ValueError, AttributeError):  # missing, unreadable, or not a run record
-        return False
-
-
 _worker_state: dict = {}
 
 
@@ -97,36 +80,6 @@ def _start_worker(files: ModelFiles, device: str, threads: int | None = None, pr
         torch.set_num_threads(threads)
     _worker_state.clear()
     _worker_state.update(files=files, device=device, precision=precision)
-
-
-def run_with_retries(run: RunSpec, digests: dict, files: ModelFiles, device: str, batch_percent: int,
-                     dataset=None) -> dict:
-    """One run, at ``batch_percent`` of its batch sizes (what its out-of-memory marker asks for).
-    Out of device memory, it records half that beside the run file and tries again (twice) before
-    giving up; a run that passes at full size clears its marker."""
-    from ..engine import select_device
-
-    device = select_device(device)
-    percent = batch_percent
-    for halving in range(IN_JOB_HALVINGS + 1):
-        fingerprint = inputs_fingerprint(run, digests, percent)
-        try:
-            record = defend(run, files, device, fingerprint, percent, dataset)
-        except RetryWithLess as error:
-            if percent == 1:
-                raise
-            percent = max(1, percent // 2)
-            record_out_of_memory(run.out, percent, device, str(error))
-            if halving == IN_JOB_HALVINGS:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            trace(f"{run.out}: out of device memory; retrying at {percent} % of the batch sizes")
-            continue
-        if percent == 100:
-            oom_marker(run.out).unlink(missing_ok=True)  # the cause is gone (a larger device)
-        return {"status": record["status"], "batch_percent": percent, "fingerprint": fingerprint}
-    raise AssertionError("unreachable")
 
 
 def _run_in_worker(run: RunSpec, digests: dict, batch_percent: int) -> dict:

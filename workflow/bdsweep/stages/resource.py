@@ -9,10 +9,10 @@ import torch
 
 from ..atomic import write_npz
 from ..attacks import DataPoisoningAttack, ResourceContext, meta_of
-from ..checkpoint import load_model
 from ..data.store import PreparedDataset
 from ..engine import select_device
 from ..evaluate import normalisation_of
+from ..model_file import load_model
 from ..params import resolve
 from ..registry import ATTACKS
 

@@ -16,17 +16,18 @@ import torch
 
 from ..atomic import REMAKE, atomic_path, read_npy, write_json, write_npz
 from ..attacks import HookContext, apply_in_batches, is_training_time
-from ..checkpoint import save_model
+from ..checkpoints import Checkpoint, fingerprint
 from ..data.store import PreparedDataset
-from ..engine import EngineOptions, Recipe, as_tensor, precision, select_device, train
+from ..engine import as_tensor, precision, select_device, train
 from ..evaluate import evaluate_model, load_poison, normalisation_of
 from ..layout import CLEAN
+from ..model_file import save_model
 from ..models import create_model
 from ..params import as_dict, resolve
 from ..poison import backdoor_test_indices
 from ..provenance import device_name, versions
+from ..recipe import EngineOptions, Recipe
 from ..registry import ATTACKS
-from ..resume import Checkpoint, fingerprint
 
 
 def add_arguments(parser):

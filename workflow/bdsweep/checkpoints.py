@@ -31,20 +31,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
-
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a job killed by SIGTERM would report
-
-
-class Preempted(Exception):
-    """SIGTERM arrived during training or a defense; the checkpoint holds the state to resume from."""
-
-
-RETRY_EXIT_CODE = 75  # EX_TEMPFAIL: the job failed for a reason its retry can avoid
-
-
-class RetryWithLess(Exception):
-    """The device ran out of memory: no result was written; a retry with smaller batches may pass."""
-
+from .errors import Preempted
 
 # Snakemake deletes a job's log before every attempt (a retry, or a SLURM requeue), so the events
 # that explain an attempt (its start, a preemption, a resume, running out of memory) are also
