@@ -74,6 +74,17 @@ def pytest_configure(config):
         config.option.randomly_reset_seed = False
 
 
+END_TO_END = Path(__file__).resolve().parent / "end_to_end"
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under ``tests/end_to_end/`` runs a workflow through Snakemake (minutes on 2 CPUs):
+    the folder marks it ``slow`` (``-m "not slow"`` skips them), no test marks itself."""
+    for item in items:
+        if END_TO_END in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
+
+
 def seed_of_test(nodeid: str) -> int:
     """A seed from the test's own id, so a test's randomness does not depend on what ran before it."""
     return zlib.crc32(nodeid.encode())

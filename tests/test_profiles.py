@@ -1,9 +1,10 @@
 """What the committed profiles ask a cluster for, checked without one: every rule and every job
 group fits a typical GPU node, only the rules that use a GPU ask for one, and docs/cluster.md
-states the committed values (tests/test_slurm.py runs them on a real SLURM cluster)."""
+states the committed values (tests/end_to_end/test_slurm.py runs them on a real SLURM cluster)."""
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -81,9 +82,26 @@ def test_the_cluster_page_states_the_committed_requests():
     assert "docs/cluster.md" in (REPO / "README.md").read_text()
 
 
-def test_the_slurm_test_runs_the_committed_values_changed_only_where_its_node_forces_it():
-    from test_slurm import profile_for_test_cluster
+def profile_for_test_cluster(node_cpus: int, node_mem_mb: int) -> dict:
+    """The project's SLURM profile as committed, changed only where the one-node test cluster
+    forces it: GPU requests dropped (the node has none); CPUs (``cores``, the bound of every job's
+    threads and of a group's width, and set-threads) and memory (each request and the group pool)
+    capped to the node's. A request beyond the node waits forever (reason PartitionConfig), so an
+    unbounded group width or a rule asking for more than a node fails this test by timing out."""
+    profile = copy.deepcopy(SLURM)
+    if "cores" in profile:
+        profile["cores"] = min(profile["cores"], node_cpus)
+    cap = profile.get("cores", node_cpus)
+    profile["set-threads"] = {rule: min(threads, cap) for rule, threads in profile["set-threads"].items()}
+    for resources in [profile["resources"], profile["default-resources"], *profile["set-resources"].values()]:
+        for gpu_request in ("gpu", "gres", "gpu_model"):
+            resources.pop(gpu_request, None)
+        if "mem_mb" in resources:
+            resources["mem_mb"] = min(resources["mem_mb"], node_mem_mb)
+    return profile
 
+
+def test_the_slurm_test_runs_the_committed_values_changed_only_where_its_node_forces_it():
     def without_gpus(profile):
         return {**profile, "set-resources": {rule: {key: value for key, value in asked.items() if key != "gpu"}
                                              for rule, asked in profile["set-resources"].items()}}

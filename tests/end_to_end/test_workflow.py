@@ -40,7 +40,6 @@ def demo(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
 def test_demo_produces_the_table_every_figure_and_every_summary_table(demo):
     table = pd.read_parquet(demo / "results" / "table" / "runs.parquet")
     # 8 backdoored models + 1 clean model, each x (none + CLP + FT x 2 SPC x 1 seed)
@@ -68,7 +67,6 @@ def test_demo_produces_the_table_every_figure_and_every_summary_table(demo):
     assert len(pd.read_csv(demo / "results" / "tables" / "clean_cost.csv")) == 3  # every defense ran on the clean model
 
 
-@pytest.mark.slow
 def test_the_report_is_one_self_contained_html_file_with_captions(demo):
     snakemake(demo, "--report", str(demo / "report.html"))
     html = (demo / "report.html").read_text()
@@ -76,7 +74,6 @@ def test_the_report_is_one_self_contained_html_file_with_captions(demo):
     assert html.count("iVBORw0KGgo") >= len(FIGURES)  # every figure embedded as a base64 PNG, nothing linked
 
 
-@pytest.mark.slow
 def test_a_second_invocation_has_nothing_to_do(demo):
     assert "Nothing to be done" in snakemake(demo)
 
@@ -85,7 +82,6 @@ def run_mtimes(workdir):
     return {path: path.stat().st_mtime_ns for path in (workdir / "results" / "runs").rglob("*.json")}
 
 
-@pytest.mark.slow
 def test_deleting_one_run_file_reruns_exactly_that_run(demo):
     before = run_mtimes(demo)
     victim = sorted(before)[3]
@@ -145,7 +141,7 @@ def test_config_yaml_of_the_working_directory_is_used(tmp_path):
 
 @pytest.mark.parametrize("profile", ["local", "slurm"])
 def test_each_profile_plans_the_demo(tmp_path, profile):
-    """The profiles parse and plan (their SLURM use is tests/test_slurm.py, where a cluster answers)."""
+    """The profiles parse and plan (their SLURM use is tests/end_to_end/test_slurm.py, where a cluster answers)."""
     result = plan("--profile", str(REPO / "workflow" / "profiles" / profile), "--directory", str(tmp_path),
                   "--configfile", str(REPO / "config.yaml"), "--quiet", "rules")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -28,7 +28,6 @@ from test_faults import complete, same_content
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # each test runs the workflow through Snakemake
 TABLE = "results/table/runs.parquet"
 CHECKPOINT = "results/models/digits/small_cnn/badnets/0.1/model.ckpt"
 MEASUREMENTS = ["wall_time_s", "peak_memory_bytes"]  # of the run, not of its result

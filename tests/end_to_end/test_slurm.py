@@ -16,10 +16,10 @@ import threading
 import pandas as pd
 import pytest
 import yaml
+from test_profiles import profile_for_test_cluster
 
 from conftest import REPO
 
-PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 # Targets: the table, and one figure and one summary table so the grouped report job runs too.
 TARGETS = ["results/table/runs.parquet", "results/figures/fig6_boxplots.png", "results/tables/medians.csv"]
 # What a run measures about its machine rather than computes.
@@ -40,7 +40,7 @@ def cluster_problem() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))]
+pytestmark = pytest.mark.skipif(cluster_problem() is not None, reason=str(cluster_problem()))
 
 
 def queued_jobs() -> set[str]:
@@ -103,25 +103,6 @@ def node_size() -> tuple[int, int]:
     lines = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, timeout=30).stdout
     sizes = [tuple(int(value.rstrip("+")) for value in line.split()) for line in lines.splitlines() if line.strip()]
     return min(sizes)
-
-
-def profile_for_test_cluster(node_cpus: int, node_mem_mb: int) -> dict:
-    """The project's SLURM profile as committed, changed only where the one-node test cluster
-    forces it: GPU requests dropped (the node has none); CPUs (``cores``, the bound of every job's
-    threads and of a group's width, and set-threads) and memory (each request and the group pool)
-    capped to the node's. A request beyond the node waits forever (reason PartitionConfig), so an
-    unbounded group width or a rule asking for more than a node fails this test by timing out."""
-    profile = yaml.safe_load(PROFILE.read_text())
-    if "cores" in profile:
-        profile["cores"] = min(profile["cores"], node_cpus)
-    cap = profile.get("cores", node_cpus)
-    profile["set-threads"] = {rule: min(threads, cap) for rule, threads in profile["set-threads"].items()}
-    for resources in [profile["resources"], profile["default-resources"], *profile["set-resources"].values()]:
-        for gpu_request in ("gpu", "gres", "gpu_model"):
-            resources.pop(gpu_request, None)
-        if "mem_mb" in resources:
-            resources["mem_mb"] = min(resources["mem_mb"], node_mem_mb)
-    return profile
 
 
 def start_snakemake(workdir, *args) -> subprocess.Popen:

@@ -19,7 +19,6 @@ from test_workflow import snakemake
 from bdsweep.figures import FIGURES, drawing_functions
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
 TARGET = "table"  # the target rule: models, runs and the results table
 FIGURE_FILES = [f"results/figures/{name}.{ext}" for name in sorted(FIGURES) for ext in ("png", "pdf")]
 
