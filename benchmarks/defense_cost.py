@@ -111,7 +111,7 @@ def main(argv=None):
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = backdoored_model(args, work)
-    names = args.defenses or [entry.name for entry in DEFENSES.entries() if entry.implemented]
+    names = args.defenses or DEFENSES.names()
     params = overrides(args.set)
     rows = []
     for name in names:

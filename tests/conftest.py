@@ -201,17 +201,6 @@ def defend(root, name, params=None, partition=True, out="run.json"):
     return json.loads((root / out).read_text())
 
 
-@pytest.fixture
-def planned_defense(monkeypatch):
-    """A defense the registry lists as planned but not implemented (every defense of the
-    specification is implemented, so the tests of that path declare their own)."""
-    from bdsweep.registry import DEFENSES, Entry
-
-    DEFENSES.entries()  # load every module first, so nothing registers over the planned entry
-    monkeypatch.setitem(DEFENSES._entries, "future-defense", Entry("future-defense", None, "planned", False))
-    return "future-defense"
-
-
 def random_mitigation(n=4, num_classes=2, size=32, seed=0):
     """Mitigation data of random images with balanced labels, for mechanism tests of defenses."""
     import torch

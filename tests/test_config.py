@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bdsweep.config import ConfigError, unimplemented, validate_config
+from bdsweep.config import ConfigError, validate_config
 from bdsweep.grid import models, runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,6 @@ def test_paper_preset_names_every_method_of_the_spec():
                                       "ft-sam", "nad", "nc", "pbe", "i-bau", "sau"}
     assert set(PAPER["architectures"]) == {"preact_resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large"}
     assert set(PAPER["datasets"]) == {"cifar10", "gtsrb", "tiny"}
-    assert unimplemented(PAPER) == []  # every method of the specification is implemented
 
 
 def test_defaults_are_filled_in():
@@ -140,18 +139,6 @@ def test_bad_configuration_is_refused_naming_the_key(case):
 
 def test_the_catalogue_is_large():
     assert len(BAD) >= 25
-
-
-def test_skip_unimplemented_leaves_out_only_planned_methods(planned_defense):
-    with pytest.raises(ConfigError, match=f"defenses: defense '{planned_defense}' is not implemented yet"):
-        validate_config(changed(defenses={"ft": {}, planned_defense: {}}))
-    assert unimplemented(changed(defenses={"ft": {}, planned_defense: {}})) == [f"defenses.{planned_defense}"]
-    config = validate_config(changed(defenses={"ft": {}, planned_defense: {}}, skip_unimplemented=True))
-    assert list(config["defenses"]) == ["ft"]
-    with pytest.raises(ConfigError, match="defenses: none of"):
-        validate_config(changed(defenses={planned_defense: {}}, skip_unimplemented=True))
-    with pytest.raises(ConfigError, match="unknown attack 'nope'"):
-        validate_config(changed(attacks={"badnets": {}, "nope": {}}, skip_unimplemented=True))
 
 
 def test_only_datasets_restricts_a_method_to_some_datasets():

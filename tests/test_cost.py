@@ -131,7 +131,7 @@ def test_a_defense_that_declares_no_passes_is_priced_as_fine_tuning_with_a_warni
         epochs: int = 7
 
     DEFENSES.entries()
-    monkeypatch.setitem(DEFENSES._entries, "mine", Entry("mine", Defense("mine", None, Mine, "fine-tuning"), "", True))
+    monkeypatch.setitem(DEFENSES._entries, "mine", Entry("mine", Defense("mine", None, Mine, "fine-tuning"), ""))
     with pytest.warns(UserWarning, match="defense 'mine' declares no passes"):
         assert defense_passes("mine", Mine(), MitigationSize(images=50, classes=10)) == 7 * 50
 

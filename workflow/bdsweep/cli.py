@@ -20,12 +20,11 @@ def list_methods(args) -> None:
     for title, registry in kinds:
         print(f"{title}:")
         for entry in registry.entries():
-            state = "implemented" if entry.implemented else "planned"
-            print(f"  {entry.name:<20} {state:<12} {entry.description}")
+            print(f"  {entry.name:<20} {entry.description}")
 
 
 def validate(args) -> None:
-    from .config import check_class_sizes, read_config, unimplemented, validate_config
+    from .config import check_class_sizes, read_config, validate_config
     from .grid import models, runs
     from .layout import CLEAN
 
@@ -36,9 +35,6 @@ def validate(args) -> None:
     clean = sum(model.attack == CLEAN for model in grid_models)
     print(f"{args.config}: valid; {len(grid_models) - clean} backdoored + {clean} clean models, "
           f"{len(runs(config)):,} runs")
-    skipped = unimplemented(raw)
-    if skipped:  # only possible with skip_unimplemented: otherwise validation refuses them
-        print(f"not implemented yet (skipped): {', '.join(skipped)}")
 
 
 def cost(args) -> None:

@@ -1,5 +1,5 @@
 """Configuration validation: the JSON schema (bdsweep/schemas/config.schema.yaml), then what a
-schema cannot know: registered names, implemented methods, hyperparameter names and types,
+schema cannot know: registered names, hyperparameter names and types,
 dataset paths, and SPC against the reserved pool (mitigation.source: reserved_pool). Every error names
 the offending key."""
 
@@ -133,39 +133,10 @@ def check_semantics(config: dict) -> None:
 SELECTIONS = (("attacks", ATTACKS), ("defenses", DEFENSES), ("architectures", ARCHITECTURES))
 
 
-def unimplemented(config: dict) -> list[str]:
-    """Selected methods that are registered as planned but have no implementation yet."""
-    found = []
-    for key, registry in SELECTIONS:
-        for name in config.get(key) or ():
-            try:
-                if not registry.entry(name).implemented:
-                    found.append(f"{key}.{name}")
-            except UnknownNameError:
-                pass  # reported by check_semantics
-    return found
-
-
-def _drop_unimplemented(config: dict) -> None:
-    for qualified in unimplemented(config):
-        key, name = qualified.split(".", 1)
-        if isinstance(config[key], dict):
-            del config[key][name]
-        else:
-            config[key].remove(name)
-        if not config[key]:
-            raise ConfigError(f"{key}: none of the selected {key} is implemented yet")
-
-
 def validate_config(config: dict) -> dict:
-    """Return a validated copy of ``config`` with defaults filled in, or raise ConfigError.
-
-    With ``skip_unimplemented: true`` (the paper preset), methods of the specification that are
-    not implemented yet are left out instead of refused; ``unimplemented()`` lists them."""
+    """Return a validated copy of ``config`` with defaults filled in, or raise ConfigError."""
     config = copy.deepcopy(dict(config))
     check_schema(config)
-    if config["skip_unimplemented"]:
-        _drop_unimplemented(config)
     check_semantics(config)
     return config
 

@@ -844,9 +844,6 @@ def run_defenses(content: dict, report: Report, args, setup: Setup, files: Files
     content.update(spc=setup.spc, partition=partition, runs=rows)
     plans = {}
     for entry in entries:
-        if not entry.implemented:
-            rows[entry.name] = {"status": "not implemented", "reason": "registered as planned"}
-            continue
         try:
             plans[entry.name] = plan_defense(entry.name, preset, setup, timer, float("inf"))
         except Exception as error:
@@ -903,7 +900,7 @@ def pack_runs(content: dict, args, setup: Setup, files: Files, preset: dict, def
     from .registry import DEFENSES
 
     workers = args.pack_workers or setup.pack_workers
-    implemented = [entry.name for entry in DEFENSES.entries() if entry.implemented and entry.obj.needs_data]
+    implemented = [entry.name for entry in DEFENSES.entries() if entry.obj.needs_data]
     name = args.pack_defense if args.pack_defense in implemented else implemented[0]
     default = engine_default(speed)
     timer = RunTimer(default["images_per_s"] if default else 1000.0, device.type)

@@ -26,7 +26,6 @@ class Entry:
     name: str
     obj: Any
     description: str
-    implemented: bool
     facts: dict = field(default_factory=dict)  # what planning needs to know about it, e.g. forward_gflops
 
 
@@ -37,22 +36,17 @@ class Registry:
         self._entries: dict[str, Entry] = {}
         self._loaded = False
 
-    def register(self, name: str, description: str, implemented: bool = True, **facts) -> Callable:
+    def register(self, name: str, description: str, **facts) -> Callable:
         """Register ``obj`` as ``name``; ``facts`` are what other parts need to know about it without
         building it (e.g. an architecture's ``forward_gflops`` per image size, for ``bdsweep cost``)."""
 
         def decorate(obj):
-            if name in self._entries and self._entries[name].implemented:
+            if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, obj, description, implemented, dict(facts))
+            self._entries[name] = Entry(name, obj, description, dict(facts))
             return obj
 
         return decorate
-
-    def declare_planned(self, names: dict[str, str]) -> None:
-        """List methods of the specification that have no implementation yet."""
-        for name, description in names.items():
-            self._entries.setdefault(name, Entry(name, None, description, False))
 
     def _load(self) -> None:
         if not self._loaded:
@@ -76,10 +70,7 @@ class Registry:
         return self._entries[name]
 
     def get(self, name: str) -> Any:
-        entry = self.entry(name)
-        if not entry.implemented:
-            raise UnknownNameError(f"{self.kind} {name!r} is not implemented yet")
-        return entry.obj
+        return self.entry(name).obj
 
 
 ATTACKS = Registry("attack", "bdsweep.attacks")

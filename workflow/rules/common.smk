@@ -12,12 +12,7 @@ sys.path.insert(0, WORKFLOW_DIR)
 shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 
 from bdsweep import grid, layout  # noqa: E402
-from bdsweep.config import (
-    ConfigError,
-    check_class_sizes,
-    unimplemented,
-    validate_config,
-)  # noqa: E402
+from bdsweep.config import ConfigError, check_class_sizes, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
@@ -26,11 +21,6 @@ try:
     check_class_sizes(CONFIG)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
-_skipped = unimplemented(config)
-if _skipped:
-    logger.warning(
-        f"bdsweep: not implemented yet, left out of the grid: {', '.join(_skipped)}"
-    )
 
 # mitigation.source: by default (train) partitions come from the whole training set and attacks may
 # poison any image, so no job needs a pool; with reserved_pool, partitions, poison files and
