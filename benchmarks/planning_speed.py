@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,9 +45,24 @@ def snakemake(snakefile: Path, config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--configfile", str(config), *args]
 
 
+def place_pattern_files(config: Path, workdir: Path) -> None:
+    """A stand-in image wherever the configuration names an attack's image file by a relative path
+    (the paper preset's Blended key image, which bdsweep does not ship): validation needs the file,
+    planning never reads its pixels."""
+    from PIL import Image
+
+    attacks = (yaml.safe_load(config.read_text()) or {}).get("attacks") or {}
+    for params in attacks.values():
+        image = (params or {}).get("image")
+        if image and not Path(image).is_absolute() and not (workdir / image).exists():
+            (workdir / image).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (128, 64, 32)).save(workdir / image)
+
+
 def measure(snakefile: Path, config: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bdsweep-plan-") as scratch:
         workdir = Path(scratch)
+        place_pattern_files(config, workdir)
         plan_s, plan_gb, output = measured(snakemake(snakefile, config, "-n", "--quiet", "rules"), workdir)
         jobs = next(int(line.split()[-1]) for line in output.splitlines() if line.startswith("total"))
 
