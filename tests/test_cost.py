@@ -25,7 +25,7 @@ from bdsweep.cost import (
     read_throughput,
 )
 from bdsweep.registry import DEFENSES
-from conftest import REPO
+from conftest import REPO, place_paper_blended_image
 
 DEMO, PAPER = REPO / "config.yaml", REPO / "workflow" / "presets" / "paper.yaml"
 # Our count that each Snakemake rule's job count must equal (runs are no rule's jobs: each model's
@@ -141,6 +141,36 @@ def test_the_paper_preset_prints_its_129600_runs(capsys, paper_workdir):
     printed = capsys.readouterr().out
     assert re.search(r"^\s+defense runs\s+runs\s+129,600\s", printed, re.MULTILINE)
     assert re.search(r"^nc\s+3,000\s", printed, re.MULTILINE)  # NC on CIFAR-10 only
+
+
+def test_the_paper_preset_is_priced_before_blendeds_key_image_is_there_and_says_so(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/blended/hello_kitty.jpeg here
+    assert bdsweep(["cost", str(PAPER), "--device", "h100", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert "attacks.blended.image = data/blended/hello_kitty.jpeg is not there yet" in printed.err
+    without = json.loads(printed.out)
+    place_paper_blended_image(tmp_path)
+    assert bdsweep(["cost", str(PAPER), "--device", "h100", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and json.loads(printed.out) == without  # the file changes no job and no hour
+
+
+def test_only_declared_input_files_that_are_absent_are_emptied_at_every_override_level(tmp_path):
+    from bdsweep.config import without_missing_input_files
+
+    present = tmp_path / "key.png"
+    present.write_bytes(b"")
+    config = {"attacks": {"blended": {"image": "nowhere.png", "alpha": 0.3,
+                                      "by_dataset": {"cifar10": {"image": str(present),
+                                                                 "by_architecture": {"vgg19_bn": {"image": "x.png"}}}}},
+                          "badnets": {}}}
+    changed, emptied = without_missing_input_files(config)
+    assert emptied == ["attacks.blended.image = nowhere.png", "attacks.blended.image = x.png"]
+    blended = changed["attacks"]["blended"]
+    assert blended["image"] == "" and blended["alpha"] == 0.3
+    assert blended["by_dataset"]["cifar10"]["image"] == str(present)
+    assert blended["by_dataset"]["cifar10"]["by_architecture"]["vgg19_bn"]["image"] == ""
+    assert config["attacks"]["blended"]["image"] == "nowhere.png"  # the given config is left alone
 
 
 def test_json_output_adds_up(capsys):

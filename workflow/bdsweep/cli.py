@@ -40,10 +40,14 @@ def validate(args) -> None:
 def cost(args) -> None:
     import json
 
-    from .config import read_config, validate_config
+    from .config import read_config, validate_config, without_missing_input_files
     from .cost import Throughput, estimate, format_estimate, read_throughput
 
-    result = estimate(validate_config(read_config(args.config)), Throughput(read_throughput(args.throughput),
+    config, emptied = without_missing_input_files(read_config(args.config))
+    for setting in emptied:  # on stderr: --json output stays parseable
+        print(f"bdsweep cost: {setting} is not there yet; priced as if it were (an input file changes no job "
+              "and no pass count); `bdsweep validate` and the workflow need it", file=sys.stderr)
+    result = estimate(validate_config(config), Throughput(read_throughput(args.throughput),
                                                                             args.device))
     print(json.dumps(result.as_dict(), indent=1) if args.json else format_estimate(result))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from .params import resolve
+from .params import input_file_fields, resolve
 from .recipe import Recipe
 from .registry import ARCHITECTURES, ATTACKS, DEFENSES, SOURCES, UnknownNameError
 
@@ -131,6 +131,36 @@ def check_semantics(config: dict) -> None:
 
 
 SELECTIONS = (("attacks", ATTACKS), ("defenses", DEFENSES), ("architectures", ARCHITECTURES))
+
+
+def _override_levels(entry: dict):
+    """Every dict of overrides in a method's entry: its own, by_architecture, by_dataset and each
+    dataset's by_architecture (see :func:`method_params`)."""
+    yield entry
+    yield from (entry.get("by_architecture") or {}).values()
+    for for_dataset in (entry.get("by_dataset") or {}).values():
+        yield for_dataset or {}
+        yield from ((for_dataset or {}).get("by_architecture") or {}).values()
+
+
+def without_missing_input_files(config: dict) -> tuple[dict, list[str]]:
+    """A copy of ``config`` in which every method hyperparameter declared an input file
+    (``params.input_file``) that names a file not there is emptied (the method's built-in
+    default, e.g. Blended's noise pattern), and what was emptied. For planning only: an input
+    file changes no job and no pass count, so ``bdsweep cost`` prices a configuration before its
+    files are in place; validation and the workflow still refuse a missing file."""
+    config, emptied = copy.deepcopy(dict(config)), []
+    for key, registry in (("attacks", ATTACKS), ("defenses", DEFENSES)):
+        for name, entry in (config.get(key) or {}).items():
+            if not isinstance(entry, dict) or name not in registry.names():
+                continue  # validation reports it
+            for level in _override_levels(entry):
+                for field in input_file_fields(registry.get(name).params):
+                    value = level.get(field) if isinstance(level, dict) else None
+                    if isinstance(value, str) and value and not Path(value).expanduser().is_file():
+                        emptied.append(f"{key}.{name}.{field} = {value}")
+                        level[field] = ""
+    return config, emptied
 
 
 def validate_config(config: dict) -> dict:

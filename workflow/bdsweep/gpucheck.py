@@ -672,15 +672,12 @@ def measure_throughput(content: dict, args, setup: Setup, preset: dict, speed: d
 
 
 def grid_cost(content: dict, args, throughput_file: Path, compare: str) -> None:
-    from .config import validate_config
+    from .config import validate_config, without_missing_input_files
     from .cost import Throughput, estimate, read_throughput
 
-    preset = paper_preset()
-    blended = preset["attacks"].get("blended") or {}
-    if blended.get("image") and not Path(blended["image"]).exists():
-        # Blended's key image changes no job and no pass count: price the grid without the file
-        content["note"] = f"Blended's key image {blended['image']} is absent: priced with the built-in pattern"
-        preset["attacks"]["blended"] = {**blended, "image": ""}
+    preset, emptied = without_missing_input_files(paper_preset())
+    if emptied:  # an input file (Blended's key image) changes no job and no pass count
+        content["note"] = f"absent input files, priced with the built-in patterns: {'; '.join(emptied)}"
     config = validate_config(preset)
     for label, table, device in (("shipped", read_throughput(), compare),
                                  ("measured", read_throughput(throughput_file), args.throughput_name)):

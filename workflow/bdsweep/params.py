@@ -66,6 +66,16 @@ def stable_seed(*parts) -> int:
     return int(stable_hash([str(p) for p in parts]), 16) & (2**63 - 1)
 
 
+def input_file(default: str = "") -> dataclasses.Field:
+    """A hyperparameter naming an input file (a pattern or key image): declared, so that planning
+    (``bdsweep cost``) can price a configuration whose file is not there yet."""
+    return dataclasses.field(default=default, metadata={"input_file": True})
+
+
+def input_file_fields(params_class: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(params_class) if f.metadata.get("input_file"))
+
+
 @dataclasses.dataclass(frozen=True)
 class NoParams:
     """For methods without hyperparameters."""

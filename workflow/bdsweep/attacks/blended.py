@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..params import input_file
 from . import ROUNDINGS, Resource, ResourceContext, data_poisoning, in_chunks
 
 # The survey's key image is not ours to ship (CC BY-NC 4.0); where to get it.
@@ -32,7 +33,7 @@ WHERE_TO_GET_IT = ("The survey's Blended key image is BackdoorBench's resource/b
 @dataclass(frozen=True)
 class BlendedParams:
     alpha: float = 0.2
-    image: str = ""  # path of the key image; empty: the built-in noise pattern
+    image: str = input_file()  # path of the key image; empty: the built-in noise pattern
     pattern_seed: int = 0  # seed of the built-in noise pattern
     rounding: str = "truncate"  # "truncate" as the toolkit, or "round" to the nearest pixel value
 
