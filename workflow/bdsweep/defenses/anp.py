@@ -52,7 +52,7 @@ from torch.func import functional_call
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, augment_batch, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches, split_held_out
@@ -66,7 +66,7 @@ class ANPParams:
     iterations: int = 2000  # mask updates = batches (FORK nb_iter)
     lr: float = 0.01  # mask SGD learning rate (FORK lr, `anp.py:758`)
     momentum: float = 0.9  # mask SGD momentum (FORK `anp.py:758`)
-    batch_size: int = 256  # images per batch, drawn with replacement (FORK batch_size)
+    batch_size: BatchSize = 256  # images per batch, drawn with replacement (FORK batch_size)
     updates_per_pass: int = 500  # batches per pass of FORK's sampler (FORK print_every); a checkpoint each
     augment: bool = True  # random crop and flip, as FORK's train transform
     pruning_step: float = 0.05  # threshold grid step

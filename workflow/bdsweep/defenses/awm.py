@@ -37,7 +37,7 @@ from torch.func import functional_call
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches
@@ -54,7 +54,7 @@ class AWMParams:
     gamma: float = 1e-7  # weight of the masks' L1 norm (FORK hyper_gamma, argparse default)
     trigger_norm: float = 1000.0  # L1 bound on the trigger, in normalised input units summed over C x H x W
     trigger_lr: float = 10.0  # SGD, on the trigger
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # FORK's loader uses the training transform
     clamp_to_unit: bool = True  # FORK's quirk: normalised perturbed images clamped to [0, 1]
 

@@ -57,7 +57,7 @@ from torch import nn
 
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, autocast
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
@@ -68,7 +68,7 @@ class IBAUParams:
     rounds: int = 5
     fixed_point_iterations: int = 5  # K
     lr: float = 1e-4  # outer Adam
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     perturbed_share: float = 0.01  # of each batch, rounded down (FORK i-bau.py:509-513)
     perturb_at_least_one: bool = False  # FORK perturbs no image of a batch under 100
     perturbation_norm: float = 10.0  # L2 bound on delta (only with project_l2)

@@ -49,7 +49,7 @@ from torch import nn
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, augment_batch
 from ..models import insert_after
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy
@@ -65,7 +65,7 @@ class MMBDParams:
     lambda_factor: float = 1.2  # FORK alpha
     lambda_every: int = 10  # FORK lambda_reduction_num
     allowed_drop: float = 0.05  # FORK accuracy_reduction
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # FORK's loader uses the training transform
 
     def __post_init__(self):

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import loop_checkpoint
 from ..engine import BatchHook, LossWatch, autocast, train
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import MitigationSize
 from ..recipe import Recipe
 from . import Defended, defense, run_seed
@@ -70,7 +70,7 @@ TANH_EPSILON = 1e-7  # keeps tanh(w) / (2 + eps) + 0.5 strictly inside (0, 1), a
 @dataclass(frozen=True)
 class NCParams:
     epochs: int = 80  # reverse-engineering epochs per class, at most
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     mask_lr: float = 0.1
     init_cost: float = 1e-3
     success_threshold: float = 0.98  # attack success an epoch needs to count as a trigger
@@ -83,7 +83,7 @@ class NCParams:
     unlearn_ratio: float = 0.2  # share of every unlearning batch stamped with a reversed trigger
     unlearn_epochs: int = 100
     unlearn_lr: float = 0.01
-    unlearn_batch_size: int = 256
+    unlearn_batch_size: BatchSize = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: bool = True  # unlearning: random crop (padding 4) and flip where the dataset allows

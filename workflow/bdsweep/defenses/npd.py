@@ -35,7 +35,9 @@ from torch import nn
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, autocast
 from ..models import insert_after
+from ..params import BatchSize
 from ..passes import MitigationSize
+from ..recipe import TrainingParams
 from . import Defended, defense, run_seed
 from .support import batches
 
@@ -43,14 +45,16 @@ EARLY_STOP_SUCCESS = 0.6  # inner PGD stops once this share of the batch reaches
 
 
 @dataclass(frozen=True)
-class NPDParams:
+class NPDParams(TrainingParams):
+    """The recipe is the polarizer training's (SGD, constant lr); the warm-up has its own lr."""
+
+    OWNER = "NPD"
+    MIN_EPOCHS = 0
+
+    epochs: int = 50
+    batch_size: BatchSize = 128
     warmup_epochs: int = 5
     warmup_lr: float = 1e-4
-    epochs: int = 50
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
     trigger_norm: float = 3.0  # L2 bound in [0, 1] pixel units (FORK npd/<dataset>_<arch>.yaml: GTSRB 5, Tiny 3)
     adv_lr: float = 0.1
     inner_steps: int = 2
@@ -58,22 +62,12 @@ class NPDParams:
     lambda_adv: float = 0.4  # CE of adversarial images with their true label (FORK GTSRB yaml lmd2-4: 0.5)
     lambda_other: float = 0.4  # push down the top wrong class on adversarial images
     lambda_target: float = 0.4  # push down the estimated target on adversarial images
-    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
 
-    def __post_init__(self):
-        for name in ("warmup_epochs", "epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("batch_size", "inner_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_lr", "lr", "trigger_norm", "adv_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for field in fields(self):
-            if field.name.startswith("lambda_") or field.name in ("momentum", "weight_decay"):
-                if getattr(self, field.name) < 0:
-                    raise ValueError(f"{field.name} must be non-negative, got {getattr(self, field.name)}")
+    def checks(self) -> dict[str, bool]:
+        positive = ("warmup_lr", "trigger_norm", "adv_lr")
+        return {"warmup_epochs": self.warmup_epochs >= 0, "inner_steps": self.inner_steps >= 1,
+                **{name: getattr(self, name) > 0 for name in positive},
+                **{f.name: getattr(self, f.name) >= 0 for f in fields(self) if f.name.startswith("lambda_")}}
 
 
 def make_polarizer(channels: int) -> nn.Sequential:

@@ -51,7 +51,7 @@ from torch.func import functional_call
 from ..checkpoints import loop_checkpoint
 from ..engine import LossWatch, NonFiniteLoss, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches
@@ -70,7 +70,7 @@ class RNPParams:
     recover_epochs: int = 20
     threshold_step: float = 0.02  # FORK's sweep step (`rnp.py:508-531`)
     max_accuracy_drop: float = 0.02  # FORK recovery_drop: absolute drop of mitigation accuracy allowed
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # both stages train on augmented batches, as FORK's loader
     augment_accuracy: bool = True  # FORK's quirk: the sweep's accuracy is measured on augmented images
     round_scores: bool = True  # FORK's quirk: mask scores rounded to 4 decimals
