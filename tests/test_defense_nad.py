@@ -83,7 +83,7 @@ def test_distillation_pulls_the_students_attention_toward_the_teachers(digits, b
     before = attention_gaps(model, teacher, data, stages, params)
     with layer_outputs(model, stages) as student_outputs, layer_outputs(teacher, stages) as teacher_outputs:
         hook = AttentionDistillation(teacher, stages, betas, student_outputs, teacher_outputs, params)
-        train(model, data.images, data.labels, params.recipe(params.epochs), data.normalisation, 0, hook=hook)
+        train(model, data.images, data.labels, params.recipe(), data.normalisation, 0, hook=hook)
     after = attention_gaps(model, teacher, data, stages, params)
     if betas[0]:
         assert all(after[name] < 0.3 * before[name] for name in stages)

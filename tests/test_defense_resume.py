@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from bdsweep import engine
-from bdsweep.checkpoints import Checkpoint, load_object_state, object_state
+from bdsweep.checkpoints import (
+    Checkpoint,
+    LoopState,
+    checkpointed_steps,
+    defense_checkpoints,
+    load_object_state,
+    loop_checkpoint,
+    object_state,
+)
 from bdsweep.cli import main
 from bdsweep.engine import BatchHook, NonFiniteLoss, train
 from bdsweep.errors import PREEMPTED_EXIT_CODE, Preempted
@@ -135,6 +143,63 @@ def test_lists_and_dicts_of_tensors_are_saved_and_restored_into_the_tensors_an_o
     other.bounds = [torch.zeros(1)]  # a different shape or count is replaced by the saved tensors
     load_object_state(other, saved)
     assert [len(b) for b in other.bounds] == [3, 5]
+
+
+def toy_loop(checkpoint=None, sigterm_at=None, stop_below=None, steps=6):
+    """A checkpointed loop of its own: each step draws from its generator and the global one, and
+    records the sum; ``stop_below`` ends it early once a draw falls below it. (state, steps run)."""
+    ran = []
+    torch.manual_seed(0)
+    state = LoopState(generator=torch.Generator().manual_seed(1), total=torch.zeros(()), draws=[])
+
+    def loop():
+        for step in checkpointed_steps("toy loop", state, steps,
+                                       stop_early=None if stop_below is None else lambda: state.draws[-1] < stop_below):
+            ran.append(step)
+            if step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            draw = float(torch.rand((), generator=state.generator) + torch.rand(()))
+            state.total += draw
+            state.draws.append(draw)
+
+    if checkpoint is None:
+        loop()
+    else:
+        with defense_checkpoints(checkpoint):
+            loop()
+    return state, ran
+
+
+@pytest.mark.parametrize("stop_below", [None, 0.9])
+def test_checkpointed_steps_resume_where_sigterm_stopped_them_and_replay_a_finished_loop(tmp_path, stop_below):
+    reference, ran = toy_loop(stop_below=stop_below)
+    # 0.9: a draw of 0.49 ends the loop after step 2
+    assert ran == list(range(len(ran))) and (len(ran) == 6) == (stop_below is None)
+    assert reference.step == len(ran) and reference.stopped == (stop_below is not None)
+
+    checkpoint = Checkpoint(tmp_path / "loop.ckpt", "job")
+    with pytest.raises(Preempted, match="toy loop"):
+        toy_loop(checkpoint, sigterm_at=1, stop_below=stop_below)  # saved after step 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    resumed, ran = toy_loop(checkpoint, stop_below=stop_below)
+    assert ran == list(range(2, reference.step))
+    assert resumed.draws == reference.draws and torch.equal(resumed.total, reference.total)
+
+    replayed, ran = toy_loop(checkpoint, stop_below=stop_below)  # finished (or stopped early): no step runs
+    assert ran == [] and replayed.draws == reference.draws and replayed.stopped == reference.stopped
+
+
+def test_a_loop_phase_saved_without_the_loops_state_is_ignored(tmp_path, capsys):
+    """A phase saved by other code (here 4 steps of a state without ``draws``) would resume from a
+    wrong step: it is ignored and the loop runs from its start."""
+    checkpoint = Checkpoint(tmp_path / "loop.ckpt", "job")
+    other = LoopState(total=torch.ones(()))
+    other.step = 4
+    with defense_checkpoints(checkpoint), loop_checkpoint("toy loop", other) as saved:
+        saved.boundary(finished=True)
+    state, ran = toy_loop(checkpoint)
+    assert "holds no draws" in capsys.readouterr().err
+    assert ran == list(range(6)) and state.draws == toy_loop()[0].draws
 
 
 @pytest.mark.parametrize("name, stop_at, phases, left", [

@@ -16,7 +16,7 @@ from bdsweep.defenses import Defended, MitigationData, defense
 from bdsweep.defenses.clp import channel_lipschitz
 from bdsweep.engine import Normalisation
 from bdsweep.errors import RETRY_EXIT_CODE
-from bdsweep.params import scale_batch_sizes
+from bdsweep.params import BatchSize, scale_batch_sizes
 from bdsweep.registry import DEFENSES
 from conftest import defend
 
@@ -163,8 +163,8 @@ def test_clp_prunes_exactly_the_channels_above_mean_plus_u_std_and_needs_no_data
 
 @dataclass(frozen=True)
 class BatchedParams:
-    batch_size: int = 128
-    unlearn_batch_size: int = 64
+    batch_size: BatchSize = 128
+    unlearn_batch_size: BatchSize = 64
     epochs: int = 3
 
 

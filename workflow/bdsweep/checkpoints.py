@@ -322,7 +322,40 @@ def loop_checkpoint(label: str, progress) -> Iterator[LoopCheckpoint]:
         yield LoopCheckpoint(None, progress, lambda: False)
         return
     if (saved := phase.load()) is not None:
-        load_object_state(progress, saved["progress"])
-        set_global_rng_state(saved["global_rng"])
+        missing = sorted(set(object_state(progress, tensor_collections=True)) - set(saved["progress"]))
+        if missing:  # saved by other code: restoring the rest would resume from a wrong step
+            print(f"bdsweep: ignoring phase {phase.number} of {phase.path}: it holds no {', '.join(missing)}",
+                  file=sys.stderr)
+        else:
+            load_object_state(progress, saved["progress"])
+            set_global_rng_state(saved["global_rng"])
     with sigterm_requests() as preempted:
         yield LoopCheckpoint(phase, progress, preempted)
+
+
+class LoopState:
+    """Everything an own loop changes, as the attributes given by keyword (modules, optimisers,
+    generators, tensors and lists or dicts of them, numbers, records: see :func:`object_state`; the
+    loop's own objects, so a resumed run restores them in place), plus ``step``, the steps finished,
+    and ``stopped``, whether the loop ended early: what :func:`checkpointed_steps` saves."""
+
+    def __init__(self, **state):
+        self.step, self.stopped = 0, False
+        vars(self).update(state)
+
+
+def checkpointed_steps(label: str, state: LoopState, steps: int,
+                       stop_early: Callable[[], bool] | None = None) -> Iterator[int]:
+    """``for step in checkpointed_steps(label, state, steps): ...`` runs an own loop as a phase of the
+    defense checkpoint (:func:`loop_checkpoint`). Yields the indices of the steps left (from
+    ``state.step``: 0, or where a resumed run stopped); after each step's body counts it in
+    ``state.step``, asks ``stop_early()`` whether the loop ends before ``steps``, and calls the
+    boundary, which saves ``state`` once the loop is done (a replay then runs no step) or SIGTERM has
+    arrived (and then stops). Run the loop to its end, without ``break``: an early end goes through
+    ``stop_early``, so that it is saved."""
+    with loop_checkpoint(label, state) as checkpoint:
+        while state.step < steps and not state.stopped:
+            yield state.step
+            state.step += 1
+            state.stopped = stop_early is not None and bool(stop_early())
+            checkpoint.boundary(finished=state.step == steps or state.stopped)

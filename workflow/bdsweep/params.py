@@ -1,5 +1,10 @@
 """Hyperparameters: each method declares a frozen dataclass of its defaults; configuration
-overrides any subset. Unknown keys and wrong types are errors that name the method and key."""
+overrides any subset. Unknown keys and wrong types are errors that name the method and key.
+
+A batch size is declared by its type, not guessed from its name: ``BatchSize`` for the images a step
+holds in device memory (an out-of-memory retry scales it, :func:`scale_batch_sizes`), ``FixedBatchSize``
+for one that is part of the method's result (BNP's loader batch, whose last batch gives the
+statistics), which a retry leaves alone. Both are plain ``int`` to configuration and ``resolve``."""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ import dataclasses
 import hashlib
 import json
 import typing
-from typing import Any
+from typing import Annotated, Any
+
+_SCALED, _FIXED = "batch size: scaled on an out-of-memory retry", "batch size: part of the result"
+BatchSize = Annotated[int, _SCALED]
+FixedBatchSize = Annotated[int, _FIXED]
 
 
 def _coerce(owner: str, key: str, kind: Any, value: Any) -> Any:
@@ -34,13 +43,20 @@ def resolve(params_class: type, overrides: dict | None, owner: str):
     return params_class(**values)
 
 
+def batch_size_fields(params_class: type, kind: Any = BatchSize) -> tuple[str, ...]:
+    """Names of the hyperparameters of ``params_class`` declared as ``kind`` (``BatchSize`` or
+    ``FixedBatchSize``), in field order; a subclass redeclaring a field redeclares its kind too."""
+    hints = typing.get_type_hints(params_class, include_extras=True)
+    marker = typing.get_args(kind)[1]
+    return tuple(f.name for f in dataclasses.fields(params_class)
+                 if typing.get_origin(hints[f.name]) is Annotated and marker in hints[f.name].__metadata__)
+
+
 def scale_batch_sizes(params, percent: int):
-    """``params`` with every ``batch_size`` / ``*_batch_size`` hyperparameter scaled to ``percent``
-    (at least 1): how a run retried after running out of GPU memory asks for less of it."""
-    names = [f.name for f in dataclasses.fields(params) if f.name == "batch_size" or f.name.endswith("_batch_size")]
-    scaled = {name: max(1, getattr(params, name) * percent // 100) for name in names
-              if isinstance(getattr(params, name), int)}
-    return dataclasses.replace(params, **scaled)
+    """``params`` with every ``BatchSize`` hyperparameter scaled to ``percent`` (at least 1): how a run
+    retried after running out of GPU memory asks for less of it."""
+    return dataclasses.replace(params, **{name: max(1, getattr(params, name) * percent // 100)
+                                          for name in batch_size_fields(type(params))})
 
 
 def check_ranges(owner: str, params, checks: dict[str, bool]) -> None:

@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, augment_batch, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches, split_held_out
@@ -66,7 +66,7 @@ class ANPParams:
     iterations: int = 2000  # mask updates = batches (FORK nb_iter)
     lr: float = 0.01  # mask SGD learning rate (FORK lr, `anp.py:758`)
     momentum: float = 0.9  # mask SGD momentum (FORK `anp.py:758`)
-    batch_size: int = 256  # images per batch, drawn with replacement (FORK batch_size)
+    batch_size: BatchSize = 256  # images per batch, drawn with replacement (FORK batch_size)
     updates_per_pass: int = 500  # batches per pass of FORK's sampler (FORK print_every); a checkpoint each
     augment: bool = True  # random crop and flip, as FORK's train transform
     pruning_step: float = 0.05  # threshold grid step
@@ -122,16 +122,6 @@ def sampled_batch(data: MitigationData, batch_size: int, generator: torch.Genera
     return data.normalisation.normalise(x.float().div_(255.0)), data.labels[index]
 
 
-class Progress:
-    """Everything the mask optimisation changes (the model's weights stay as they are): what a
-    checkpoint between passes holds. The tensors are the masks' own, restored in place."""
-
-    def __init__(self, masks: NeuronMasks, optimiser: torch.optim.Optimizer, generator: torch.Generator):
-        self.mask, self.noise_scale, self.noise_shift = masks.mask, masks.noise_scale, masks.noise_shift
-        self.optimiser, self.generator = optimiser, generator
-        self.updates = 0
-
-
 def perturb(masks: NeuronMasks, x, y, params: ANPParams, generator, running_stats):
     """FORK's neuron perturbation (`anp.py:145-155`): uniform start in [-eps, eps], then ``steps``
     signed ascent steps of size eps / steps, not clamped afterwards unless ``clamp_noise``."""
@@ -166,31 +156,32 @@ def learn_masks(masks: NeuronMasks, fit, params: ANPParams, generator, batch_sta
         for _, bn in masks.layers:
             bn.eps = params.learning_bn_eps
     optimiser = torch.optim.SGD([masks.mask], lr=params.lr, momentum=params.momentum)
-    progress = Progress(masks, optimiser, generator)
+    # Everything the mask optimisation changes (the model's weights stay as they are), the masks' own
+    # tensors, restored in place; saved between passes of FORK's sampler.
+    progress = LoopState(mask=masks.mask, noise_scale=masks.noise_scale, noise_shift=masks.noise_shift,
+                         optimiser=optimiser, generator=generator)
     watch = LossWatch(masks.mask.device, lambda step: f"ANP mask update {step + 1}")
-    with loop_checkpoint("ANP masks", progress) as checkpoint:  # saved between passes of FORK's sampler
-        while progress.updates < params.iterations:
-            end = min(progress.updates + params.updates_per_pass, params.iterations)
-            while progress.updates < end:
-                x, y = sampled_batch(fit, params.batch_size, generator, params.augment)
-                noise = perturb(masks, x, y, params, generator, running_stats) if params.eps > 0 else None
-                loss = params.alpha * F.cross_entropy(masks.forward(x, masks.mask, None, running_stats), y)
-                if noise is not None:
-                    perturbed = masks.forward(x, masks.mask, noise, running_stats)
-                    loss = loss + (1 - params.alpha) * F.cross_entropy(perturbed, y)
-                watch.observe(loss, progress.updates)
-                optimiser.zero_grad()
-                masks.mask.grad, = torch.autograd.grad(loss, [masks.mask])
-                optimiser.step()
-                with torch.no_grad():
-                    masks.mask.clamp_(0, 1)
-                progress.updates += 1
-            watch.check()
-            checkpoint.boundary(finished=progress.updates == params.iterations)
+    sampler_passes = -(-params.iterations // params.updates_per_pass)
+    for sampler_pass in checkpointed_steps("ANP masks", progress, sampler_passes):
+        first = sampler_pass * params.updates_per_pass
+        for update in range(first, min(first + params.updates_per_pass, params.iterations)):
+            x, y = sampled_batch(fit, params.batch_size, generator, params.augment)
+            noise = perturb(masks, x, y, params, generator, running_stats) if params.eps > 0 else None
+            loss = params.alpha * F.cross_entropy(masks.forward(x, masks.mask, None, running_stats), y)
+            if noise is not None:
+                perturbed = masks.forward(x, masks.mask, noise, running_stats)
+                loss = loss + (1 - params.alpha) * F.cross_entropy(perturbed, y)
+            watch.observe(loss, update)
+            optimiser.zero_grad()
+            masks.mask.grad, = torch.autograd.grad(loss, [masks.mask])
+            optimiser.step()
+            with torch.no_grad():
+                masks.mask.clamp_(0, 1)
+        watch.check()
     for (_, bn), own in zip(masks.layers, eps):
         bn.eps = own  # the pruned model is the original architecture (FORK's net_prune)
     model.eval()
-    return progress.updates
+    return min(progress.step * params.updates_per_pass, params.iterations)
 
 
 def mask_scores(masks: NeuronMasks, params: ANPParams) -> torch.Tensor:

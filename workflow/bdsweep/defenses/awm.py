@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batches
@@ -54,7 +54,7 @@ class AWMParams:
     gamma: float = 1e-7  # weight of the masks' L1 norm (FORK hyper_gamma, argparse default)
     trigger_norm: float = 1000.0  # L1 bound on the trigger, in normalised input units summed over C x H x W
     trigger_lr: float = 10.0  # SGD, on the trigger
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # FORK's loader uses the training transform
     clamp_to_unit: bool = True  # FORK's quirk: normalised perturbed images clamped to [0, 1]
 
@@ -122,17 +122,6 @@ def universal_perturbation(forward, data: MitigationData, params: AWMParams, gen
         return (delta * scale).detach()
 
 
-class Progress:
-    """Everything the epochs change (the model's own weights stay as they are): what a checkpoint
-    between epochs holds. The masks are the optimiser's own tensors, restored in place."""
-
-    def __init__(self, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator, delta: torch.Tensor):
-        self.masks, self.optimiser, self.schedule, self.generator = masks, optimiser, schedule, generator
-        self.delta = delta  # the last epoch's trigger, which the statistics after the loop use
-        self.epoch, self.final_loss = 0, float("nan")
-
-
 def train_mask(forward, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer, delta: torch.Tensor,
                data: MitigationData, params: AWMParams, generator: torch.Generator, watch: LossWatch,
                first_step: int) -> torch.Tensor:
@@ -166,22 +155,21 @@ def learn_mask(model: nn.Module, data: MitigationData, params: AWMParams, genera
     optimiser = torch.optim.SGD(masks.values(), lr=params.lr, momentum=params.momentum)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimiser, gamma=params.lr_decay)
     _, height, width, channels = data.images.shape
-    progress = Progress(masks, optimiser, schedule, generator,
-                        torch.zeros(1, channels, height, width, device=data.images.device))
+    # Everything the epochs change (the model's own weights stay as they are); the masks are the optimiser's
+    # own tensors, restored in place. delta: the last epoch's trigger, which the statistics after the loop use.
+    progress = LoopState(masks=masks, optimiser=optimiser, schedule=schedule, generator=generator,
+                         delta=torch.zeros(1, channels, height, width, device=data.images.device),
+                         final_loss=float("nan"))
     per_epoch = params.inner * -(-len(data) // params.batch_size)
     watch = LossWatch(data.images.device, lambda step: f"AWM epoch {step // per_epoch + 1}, "
                       f"mask step {step % per_epoch + 1}")
-    with loop_checkpoint("AWM epochs", progress) as checkpoint:  # saved between epochs
-        while progress.epoch < params.epochs:
-            delta = universal_perturbation(forward, data, params, generator)
-            loss = train_mask(forward, masks, optimiser, delta, data, params, generator, watch,
-                              progress.epoch * per_epoch)
-            schedule.step()
-            watch.check()
-            progress.delta.copy_(delta)
-            progress.final_loss = float(loss)
-            progress.epoch += 1
-            checkpoint.boundary(finished=progress.epoch == params.epochs)
+    for epoch in checkpointed_steps("AWM epochs", progress, params.epochs):  # saved between epochs
+        delta = universal_perturbation(forward, data, params, generator)
+        loss = train_mask(forward, masks, optimiser, delta, data, params, generator, watch, epoch * per_epoch)
+        schedule.step()
+        watch.check()
+        progress.delta.copy_(delta)
+        progress.final_loss = float(loss)
     delta = progress.delta
     with torch.no_grad():
         robust = sum(int((forward(perturbed(images, delta, data, params)).argmax(1) == labels).sum())

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..models import batch_norms
+from ..params import FixedBatchSize
 from ..passes import FORWARD, MitigationSize
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, subset
@@ -61,7 +62,7 @@ class BNPParams:
     statistics: str = "last_batch"  # FORK: the last loader batch (mbns_batchnorm.py:23); "all": every image
     # FORK config/defense/bnp/*.yaml batch_size: its loader's last batch gives the statistics. Not a memory knob
     # (statistics are gathered in batches of STATISTICS_BATCH), so an out-of-memory retry leaves it alone.
-    loader_batch: int = 256
+    loader_batch: FixedBatchSize = 256
     augment: bool = True  # FORK: the training transform (random crop, padding 4; flip where the dataset allows)
     copy_bn_eps: float = 1e-5  # eps of every BN, as FORK's MBNS copy (mbns_model/*); 0 keeps the model's own
 

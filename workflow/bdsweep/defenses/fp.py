@@ -41,9 +41,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..engine import train
-from ..params import check_ranges
 from ..passes import FORWARD, MitigationSize
-from ..recipe import SCHEDULES, Recipe
+from ..recipe import TrainingParams
 from . import Defended, defense, run_seed
 from .support import accuracy, batches, split_held_out
 
@@ -52,33 +51,23 @@ LISTED_UNITS = 4096  # details list the pruned units only up to this many (VGG19
 
 
 @dataclass(frozen=True)
-class FPParams:
+class FPParams(TrainingParams):
+    """FORK's fine-tuning recipe (``config/defense/fp``) is TrainingParams' defaults with 100 epochs."""
+
+    OWNER = "FP"
+    MIN_EPOCHS = 0  # 0 prunes only
+
+    epochs: int = 100  # fine-tuning; 0 prunes only
     step: float = 0.01  # share of the units masked per level (FORK once_prune_ratio)
     max_relative_change: float = 0.1  # a level passes if |acc - acc_0| / acc_0 is below this (FORK acc_ratio)
     stop_rule: str = "fork"  # "fork": k-1 units at level k, return the breaking level; "last_passing": k, the last pass
     augment_selection: bool = True  # FORK: ranking and validation images get the training transform
-    epochs: int = 100  # fine-tuning; 0 prunes only
-    batch_size: int = 256
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     schedule: str = "cosine"
     crop_padding: int = 4
-    augment: bool = True
 
-    def __post_init__(self):
-        checks = {
-            "step": 0 < self.step <= 1, "max_relative_change": 0 < self.max_relative_change < 1,
-            "stop_rule": self.stop_rule in STOP_RULES,
-            "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1, "weight_decay": self.weight_decay >= 0,
-            "schedule": self.schedule in SCHEDULES, "crop_padding": self.crop_padding >= 0,
-        }
-        check_ranges("FP", self, checks)
-
-    def recipe(self) -> Recipe:
-        return Recipe(self.epochs, self.batch_size, self.lr, self.momentum, self.weight_decay, self.schedule,
-                      self.crop_padding, self.augment)
+    def checks(self) -> dict[str, bool]:
+        return {"step": 0 < self.step <= 1, "max_relative_change": 0 < self.max_relative_change < 1,
+                "stop_rule": self.stop_rule in STOP_RULES}
 
 
 # ---------------------------------------------------------------------- the stop rule, as pure functions

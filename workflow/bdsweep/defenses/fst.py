@@ -37,9 +37,9 @@ import torch
 from torch import nn
 
 from ..engine import BatchHook, train
-from ..params import check_ranges
+from ..params import BatchSize
 from ..passes import epochs_over_images
-from ..recipe import Recipe
+from ..recipe import TrainingParams
 from . import Defended, defense, run_seed
 from .support import batching_notes, untrainable
 
@@ -47,32 +47,20 @@ LAYER_CHOICES = ("all", "classifier")
 
 
 @dataclass(frozen=True)
-class FSTParams:
+class FSTParams(TrainingParams):
+    OWNER = "FST"
+    SCHEDULES = ("cosine", "constant")  # "cosine" (the authors') or "constant"
+
     epochs: int = 15  # FORK's argparse default (fst.py:77) overrides its YAML on every dataset
+    batch_size: BatchSize = 256  # FORK's config/defense/fst YAML
     lr: float = 0.01  # fst.py:80
-    alpha: float = 0.2  # weight of the inner products <w, w_ori> (fst.py:79)
-    momentum: float = 0.9
     weight_decay: float = 0.0  # the authors' optimiser has none
-    batch_size: int = 256  # FORK's config/defense/fst YAML
+    alpha: float = 0.2  # weight of the inner products <w, w_ori> (fst.py:79)
     layers: str = "all"  # "all": every nn.Linear (FORK, fst.py:223-241); "classifier": the final head only
-    schedule: str = "cosine"  # "cosine" (the authors') or "constant"
-    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
+    schedule: str = "cosine"
 
-    def __post_init__(self):
-        check_ranges("FST", self, {
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0,
-            "alpha": self.alpha >= 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("cosine", "constant"),
-            "layers": self.layers in LAYER_CHOICES,
-        })
-
-    def recipe(self) -> Recipe:
-        return Recipe(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule=self.schedule, augment=self.augment)
+    def checks(self) -> dict[str, bool]:
+        return {"alpha": self.alpha >= 0, "layers": self.layers in LAYER_CHOICES}
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine import train
+from ..params import BatchSize
 from ..passes import epochs_over_images
 from ..recipe import Recipe
 from . import defense, run_seed
@@ -15,7 +16,7 @@ from . import defense, run_seed
 
 @dataclass(frozen=True)
 class FTParams(Recipe):
-    batch_size: int = 256  # FORK config/defense/ft/default.yaml:15 (the engine's recipe default is 128)
+    batch_size: BatchSize = 256  # FORK config/defense/ft/default.yaml:15 (the engine's recipe default is 128)
 
 
 @defense("ft", "FT: fine-tune the whole model on the mitigation data", FTParams,

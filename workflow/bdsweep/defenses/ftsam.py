@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BatchHook, autocast, train
-from ..params import check_ranges
+from ..params import BatchSize
 from ..passes import epochs_over_images
-from ..recipe import SCHEDULES, Recipe
+from ..recipe import TrainingParams
 from . import Defended, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 
@@ -54,34 +54,21 @@ DENOMINATOR_EPS = 1e-12  # the toolkit's perturb_eps: a zero gradient gives a ze
 
 
 @dataclass(frozen=True)
-class FTSAMParams:
+class FTSAMParams(TrainingParams):
+    OWNER = "FT-SAM"
+
     epochs: int = 100
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256  # FORK's ft-sam YAML
+    batch_size: BatchSize = 256  # FORK's ft-sam YAML
     schedule: str = "cosine_per_batch"  # FORK steps its cosine per batch (ft-sam.py:318); "cosine", "constant"
     rho: float = 2.0  # budget of ||T_w^-1 e||_2; FORK's argparse default on every dataset (ft-sam.py:203-205)
     eta: float = 0.0  # T_w = |w| + eta, element-wise (Kwon et al.'s ASAM: 0.01)
     label_smoothing: float = 0.1  # FORK's argparse default on every dataset (the GTSRB/Tiny YAML's 0 is dead)
     smoothing_target: str = "wrong_classes"  # FORK's eps/(K-1) on each wrong class, or "uniform" (PyTorch's eps/K)
-    augment: bool = True  # random crop and flip where the dataset allows
     crop_padding: int = 4
 
-    def __post_init__(self):
-        check_ranges("FT-SAM", self, {
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in SCHEDULES,
-            "rho": self.rho >= 0,
-            "eta": self.eta >= 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "smoothing_target": self.smoothing_target in ("wrong_classes", "uniform"),
-            "crop_padding": self.crop_padding >= 0,
-        })
+    def checks(self) -> dict[str, bool]:
+        return {"rho": self.rho >= 0, "eta": self.eta >= 0,
+                "smoothing_target": self.smoothing_target in ("wrong_classes", "uniform")}
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float, target: str
@@ -161,10 +148,8 @@ def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
         return unchanged
     notes = batching_notes(len(data), params.batch_size)
     hook = SharpnessAwareStep(model, params)
-    recipe = Recipe(epochs=params.epochs, batch_size=params.batch_size, lr=params.lr, momentum=params.momentum,
-                    weight_decay=params.weight_decay, schedule=params.schedule, crop_padding=params.crop_padding,
-                    augment=params.augment,
-                    label_smoothing=params.label_smoothing if params.smoothing_target == "uniform" else 0.0)
+    # The engine smooths only PyTorch's way; FORK's target is the hook's loss.
+    recipe = params.recipe(label_smoothing=params.label_smoothing if params.smoothing_target == "uniform" else 0.0)
     curve = train(model, data.images, data.labels, recipe, data.normalisation, run_seed(), description="FT-SAM",
                   hook=hook)
     if not all(torch.isfinite(p).all() for p in model.parameters()):

@@ -55,9 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, autocast
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, defense, run_seed
 from .support import batches, batching_notes
@@ -68,7 +68,7 @@ class IBAUParams:
     rounds: int = 5
     fixed_point_iterations: int = 5  # K
     lr: float = 1e-4  # outer Adam
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     perturbed_share: float = 0.01  # of each batch, rounded down (FORK i-bau.py:509-513)
     perturb_at_least_one: bool = False  # FORK perturbs no image of a batch under 100
     perturbation_norm: float = 10.0  # L2 bound on delta (only with project_l2)
@@ -215,17 +215,6 @@ def unlearn(cross_entropy, to_input, trainable, optimiser, delta, data, params: 
     return float(torch.stack(losses).mean()), counts
 
 
-class Progress:
-    """Everything the rounds change, which is what a checkpoint between rounds holds."""
-
-    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator,
-                 pass_state: torch.Tensor):
-        self.model, self.optimiser, self.generator = model, optimiser, generator
-        self.pass_state = pass_state  # the generator state the unlearning pass is drawn (and replayed) from
-        self.round = 0
-        self.delta_norms, self.fooled_shares, self.outer_losses, self.counts = [], [], [], []
-
-
 def passes_per_run(p, m: MitigationSize) -> float:
     """Passes of one run: per round: perturbation search (a step between two predictions), then the
     hypergradient: the outer gradient, K vector-Jacobian products and the cross term, 2 passes each."""
@@ -267,22 +256,22 @@ def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, de
         return forward(inputs).argmax(1)
 
     pass_generator = torch.Generator(device=data.images.device).manual_seed(run_seed())
-    progress = Progress(model, optimiser, generator, pass_generator.get_state())
+    # Everything the rounds change; pass_state: the generator state the unlearning pass is drawn (and replayed) from.
+    progress = LoopState(model=model, optimiser=optimiser, generator=generator, pass_state=pass_generator.get_state(),
+                         delta_norms=[], fooled_shares=[], outer_losses=[], counts=[])
     per_round = -(-n // params.batch_size)
     watch = LossWatch(data.images.device, lambda step: f"i-BAU round {step // per_round + 1}, "
                       f"batch {step % per_round + 1}")
-    with twice_differentiable(model), loop_checkpoint("i-BAU rounds", progress) as checkpoint:
-        while progress.round < params.rounds:
+    with twice_differentiable(model):
+        for round_index in checkpointed_steps("i-BAU rounds", progress, params.rounds):
             delta, fooled = universal_perturbation(cross_entropy, predict, to_input, data, params, generator)
             loss, round_counts = unlearn(cross_entropy, to_input, trainable, optimiser, delta, data, params, generator,
-                                         progress.pass_state, watch, progress.round * per_round)
+                                         progress.pass_state, watch, round_index * per_round)
             watch.check()
             progress.delta_norms.append(float(delta.norm()))
             progress.fooled_shares.append(fooled)
             progress.outer_losses.append(loss)
             progress.counts += round_counts
-            progress.round += 1
-            checkpoint.boundary(finished=progress.round == params.rounds)
     optimiser.zero_grad(set_to_none=True)
     return Defended(model, {
         "delta_norms": progress.delta_norms,  # per round

@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, augment_batch
 from ..models import insert_after
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy
@@ -65,7 +65,7 @@ class MMBDParams:
     lambda_factor: float = 1.2  # FORK alpha
     lambda_every: int = 10  # FORK lambda_reduction_num
     allowed_drop: float = 0.05  # FORK accuracy_reduction
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # FORK's loader uses the training transform
 
     def __post_init__(self):
@@ -150,29 +150,17 @@ def loader_accuracy(model: nn.Module, data: MitigationData, params: MMBDParams, 
     return correct / len(data)
 
 
-class Progress:
-    """Everything the epochs change (the bounds, not the frozen weights): what a checkpoint between
-    epochs holds."""
-
-    def __init__(self, clamps: list[ActivationBound], optimiser: torch.optim.Optimizer, generator: torch.Generator,
-                 lam: float):
-        self.clamps = nn.ModuleList(clamps)  # the model's own clamps: restored in place
-        self.optimiser, self.generator, self.lam = optimiser, generator, lam
-        self.epoch, self.train_accuracies = 0, []
-        self.lambdas = []  # lambda after each update
-
-
-def fit_epoch(model: nn.Module, reference: nn.Module, data: MitigationData, progress: Progress, params: MMBDParams,
+def fit_epoch(model: nn.Module, reference: nn.Module, data: MitigationData, progress: LoopState, params: MMBDParams,
               watch: LossWatch) -> float:
     """One shuffled pass of Adam steps on the bounds; the accuracy of the bounded model's predictions
-    at those steps (FORK's training accuracy). ``watch`` sees the losses as steps of epoch ``progress.epoch``."""
+    at those steps (FORK's training accuracy). ``watch`` sees the losses as steps of epoch ``progress.step``."""
     correct = torch.zeros((), dtype=torch.long, device=data.labels.device)
     for x, y in loader(data, params, progress.generator):
         with torch.no_grad():
             target = reference(x).float()
         logits = model(x).float()
         loss = F.mse_loss(logits, target) + progress.lam * sum(torch.norm(c.bound, p=2) for c in progress.clamps)
-        watch.observe(loss, progress.epoch)
+        watch.observe(loss, progress.step)
         progress.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         progress.optimiser.step()
@@ -227,17 +215,17 @@ def mm_bd(model, data, params: MMBDParams, device):
     for p in frozen:
         p.requires_grad_(False)  # only the bounds learn
     optimiser = torch.optim.Adam([c.bound for c in clamps], lr=params.lr)
-    progress = Progress(clamps, optimiser, generator, params.lam)
+    # What the epochs change (the bounds, not the frozen weights); the clamps are the model's own, restored in
+    # place. lambdas: lambda after each update.
+    progress = LoopState(clamps=nn.ModuleList(clamps), optimiser=optimiser, generator=generator, lam=params.lam,
+                         train_accuracies=[], lambdas=[])
     watch = LossWatch(data.images.device, lambda epoch: f"MM-BD epoch {epoch + 1}")
-    with loop_checkpoint("MM-BD bounds", progress) as checkpoint:  # saved between epochs
-        while progress.epoch < params.epochs:
-            train_accuracy = fit_epoch(model, reference, data, progress, params, watch)
-            watch.check()
-            progress.lam = update_lambda(progress.lam, progress.epoch, train_accuracy, initial_accuracy, params)
-            progress.train_accuracies = [*progress.train_accuracies, train_accuracy]
-            progress.lambdas = [*progress.lambdas, progress.lam]
-            progress.epoch += 1
-            checkpoint.boundary(finished=progress.epoch == params.epochs)
+    for epoch in checkpointed_steps("MM-BD bounds", progress, params.epochs):  # saved between epochs
+        train_accuracy = fit_epoch(model, reference, data, progress, params, watch)
+        watch.check()
+        progress.lam = update_lambda(progress.lam, epoch, train_accuracy, initial_accuracy, params)
+        progress.train_accuracies = [*progress.train_accuracies, train_accuracy]
+        progress.lambdas = [*progress.lambdas, progress.lam]
     del reference
     for clamp in clamps:
         clamp.bound.requires_grad_(False)

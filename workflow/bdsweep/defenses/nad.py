@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BatchHook, autocast, train
-from ..params import check_ranges
+from ..params import BatchSize
 from ..passes import FORWARD, MitigationSize
-from ..recipe import Recipe
+from ..recipe import TrainingParams
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches, batching_notes, layer_outputs, untrainable
 
@@ -76,40 +76,31 @@ def distilled_layers(model: nn.Module, layers: tuple[str, ...]) -> tuple[str, ..
 
 
 @dataclass(frozen=True)
-class NADParams:
-    teacher_epochs: int = 10
+class NADParams(TrainingParams):
+    """The recipe is both phases'; ``epochs`` is the student's."""
+
+    OWNER = "NAD"
+    SCHEDULES = ("constant", "cosine")  # "constant" (the reference) or "cosine", both phases
+
     epochs: int = 10  # student
-    lr: float = 0.01  # both phases
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256  # FORK's CIFAR-10/GTSRB YAML (Tiny 128)
-    schedule: str = "constant"  # "constant" (the reference) or "cosine", both phases
+    batch_size: BatchSize = 256  # FORK's CIFAR-10/GTSRB YAML (Tiny 128)
+    teacher_epochs: int = 10
+    schedule: str = "constant"
     # The distilled activations: module names, or "pooled" (the last pooling layer's output), each with its
     # beta. FORK: PreAct layer3/layer4/pooled at 500/1000/1000, every other architecture pooled at 1000.
     layers: tuple[str, ...] = (POOLED,)
     betas: tuple[float, ...] = (1000.0,)
     power: float = 2.0  # p in the attention map |activation|^p
     distance: str = "mse"  # "mse" (the reference code) or "l2" (the paper's equation)
-    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
 
-    def __post_init__(self):
-        check_ranges("NAD", self, {
+    def checks(self) -> dict[str, bool]:
+        return {
             "teacher_epochs": self.teacher_epochs >= 1,
-            "epochs": self.epochs >= 1,
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("constant", "cosine"),
             "layers": len(self.layers) >= 1 and len(set(self.layers)) == len(self.layers),
             "betas": len(self.betas) == len(self.layers) and all(b >= 0 for b in self.betas),
             "power": self.power > 0,
             "distance": self.distance in DISTANCES,
-        })
-
-    def recipe(self, epochs: int) -> Recipe:
-        return Recipe(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                      weight_decay=self.weight_decay, schedule=self.schedule, augment=self.augment)
+        }
 
 
 def attention_map(features: torch.Tensor, power: float = 2.0) -> torch.Tensor:
@@ -184,7 +175,7 @@ def neural_attention_distillation(model, data, params: NADParams, device):
     seed = run_seed()
 
     teacher = copy.deepcopy(model)
-    teacher_curve = train(teacher, data.images, data.labels, params.recipe(params.teacher_epochs),
+    teacher_curve = train(teacher, data.images, data.labels, params.recipe(epochs=params.teacher_epochs),
                           data.normalisation, seed, description="NAD teacher")
     teacher.eval().requires_grad_(False)
     gaps_before = attention_gaps(model, teacher, data, layers, params)
@@ -193,7 +184,7 @@ def neural_attention_distillation(model, data, params: NADParams, device):
 
     with layer_outputs(model, layers) as student_outputs, layer_outputs(teacher, layers) as teacher_outputs:
         hook = AttentionDistillation(teacher, layers, betas, student_outputs, teacher_outputs, params)
-        curve = train(model, data.images, data.labels, params.recipe(params.epochs), data.normalisation,
+        curve = train(model, data.images, data.labels, params.recipe(), data.normalisation,
                       seed + 1, description="NAD student", hook=hook)
     gaps_after = attention_gaps(model, teacher, data, layers, params)
     return Defended(model, {

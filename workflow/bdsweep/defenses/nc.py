@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import BatchHook, LossWatch, autocast, train
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import MitigationSize
 from ..recipe import Recipe
 from . import Defended, defense, run_seed
@@ -70,7 +70,7 @@ TANH_EPSILON = 1e-7  # keeps tanh(w) / (2 + eps) + 0.5 strictly inside (0, 1), a
 @dataclass(frozen=True)
 class NCParams:
     epochs: int = 80  # reverse-engineering epochs per class, at most
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     mask_lr: float = 0.1
     init_cost: float = 1e-3
     success_threshold: float = 0.98  # attack success an epoch needs to count as a trigger
@@ -83,7 +83,7 @@ class NCParams:
     unlearn_ratio: float = 0.2  # share of every unlearning batch stamped with a reversed trigger
     unlearn_epochs: int = 100
     unlearn_lr: float = 0.01
-    unlearn_batch_size: int = 256
+    unlearn_batch_size: BatchSize = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: bool = True  # unlearning: random crop (padding 4) and flip where the dataset allows
@@ -188,12 +188,13 @@ def fork_unlearning_set(data, keep: torch.Tensor, add: torch.Tensor, params: NCP
     return images, labels
 
 
-class TriggerSearch:
+class TriggerSearch(LoopState):
     """The state of one group's trigger search: the raw trigger variables and their optimiser, the
     per-class cost schedule, early-stopping counters and best triggers so far (what a checkpoint
-    between epochs holds)."""
+    between epochs holds); ``step`` counts the epochs run."""
 
     def __init__(self, k: int, size: int, params: NCParams, generator: torch.Generator, device):
+        super().__init__()
         self.raw_mask = torch.ones(k, 1, size, size, device=device, requires_grad=True)  # the authors' initialisation
         self.raw_pattern = torch.ones(k, 3, size, size, device=device, requires_grad=True)
         self.optimiser = torch.optim.Adam([self.raw_mask, self.raw_pattern], lr=params.mask_lr, betas=(0.5, 0.9))
@@ -206,9 +207,8 @@ class TriggerSearch:
         self.up, self.down, self.stale = (torch.zeros(k, dtype=torch.long, device=device) for _ in range(3))
         self.moved_up, self.moved_down = (torch.zeros(k, dtype=torch.bool, device=device) for _ in range(2))
         self.active, self.epochs_run = torch.ones(k, dtype=torch.bool, device=device), torch.zeros(k, dtype=torch.long)
-        self.epoch = 0
 
-    def run_epoch(self, model, data, targets: torch.Tensor, params: NCParams, watch: LossWatch) -> None:
+    def run_epoch(self, model, data, targets: torch.Tensor, params: NCParams, watch: LossWatch, epoch: int) -> None:
         k, device = len(targets), data.images.device
         raw_mask, raw_pattern, optimiser = self.raw_mask, self.raw_pattern, self.optimiser
         hits, norm_sum, steps = torch.zeros(k, device=device), torch.zeros(k, device=device), 0
@@ -223,7 +223,7 @@ class TriggerSearch:
             cross_entropy = F.cross_entropy(logits, wanted, reduction="none").view(k, -1).mean(1)
             norms = mask.flatten(1).sum(1)
             objective = (cross_entropy + self.cost * norms).sum()  # classes are independent: each gets its own gradient
-            watch.observe(objective, self.epoch)
+            watch.observe(objective, epoch)
             optimiser.zero_grad(set_to_none=True)
             objective.backward()
             optimiser.step()
@@ -234,7 +234,7 @@ class TriggerSearch:
             raw_mask.copy_(torch.where(active.view(-1, 1, 1, 1), raw_mask, kept[0]))
             raw_pattern.copy_(torch.where(active.view(-1, 1, 1, 1), raw_pattern, kept[1]))
         self.epochs_run += active.cpu()
-        if self.epoch == 0:  # FORK keeps this trigger for a class that never succeeds (nc.py:375)
+        if epoch == 0:  # FORK keeps this trigger for a class that never succeeds (nc.py:375)
             self.first_mask = to_unit_interval(raw_mask).detach().clone()
             self.first_pattern = to_unit_interval(raw_pattern).detach().clone()
         success, norm = hits / len(data), norm_sum / steps  # per class, over the epoch
@@ -258,7 +258,6 @@ class TriggerSearch:
         self.up, self.down = torch.where(raise_cost, 0, up), torch.where(lower_cost, 0, down)
         self.moved_up, self.moved_down = self.moved_up | raise_cost, self.moved_down | lower_cost
         watch.check()
-        self.epoch += 1
 
 
 def reverse_engineer(model, data, classes: list[int], params: NCParams, generator: torch.Generator) -> dict:
@@ -267,10 +266,9 @@ def reverse_engineer(model, data, classes: list[int], params: NCParams, generato
     targets = torch.tensor(classes, device=data.images.device)
     label = f"NC trigger search, classes {classes[0]}-{classes[-1]}"
     watch = LossWatch(data.images.device, lambda epoch: f"{label}, epoch {epoch + 1}")
-    with loop_checkpoint(label, search) as checkpoint:  # saved between epochs
-        while search.epoch < params.epochs and search.active.any():
-            search.run_epoch(model, data, targets, params, watch)
-            checkpoint.boundary(finished=search.epoch == params.epochs or not search.active.any())
+    for epoch in checkpointed_steps(label, search, params.epochs,  # saved between epochs
+                                    stop_early=lambda: not search.active.any()):
+        search.run_epoch(model, data, targets, params, watch, epoch)
     never = ~torch.isfinite(search.best_norm)  # never reached the threshold: the first or the last trigger
     if params.fallback_mask == "first_epoch":
         fallback_mask, fallback_pattern = search.first_mask, search.first_pattern

@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, autocast
 from ..models import insert_after
+from ..params import BatchSize
 from ..passes import MitigationSize
+from ..recipe import TrainingParams
 from . import Defended, defense, run_seed
 from .support import batches
 
@@ -43,14 +45,16 @@ EARLY_STOP_SUCCESS = 0.6  # inner PGD stops once this share of the batch reaches
 
 
 @dataclass(frozen=True)
-class NPDParams:
+class NPDParams(TrainingParams):
+    """The recipe is the polarizer training's (SGD, constant lr); the warm-up has its own lr."""
+
+    OWNER = "NPD"
+    MIN_EPOCHS = 0
+
+    epochs: int = 50
+    batch_size: BatchSize = 128
     warmup_epochs: int = 5
     warmup_lr: float = 1e-4
-    epochs: int = 50
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 128
     trigger_norm: float = 3.0  # L2 bound in [0, 1] pixel units (FORK npd/<dataset>_<arch>.yaml: GTSRB 5, Tiny 3)
     adv_lr: float = 0.1
     inner_steps: int = 2
@@ -58,22 +62,12 @@ class NPDParams:
     lambda_adv: float = 0.4  # CE of adversarial images with their true label (FORK GTSRB yaml lmd2-4: 0.5)
     lambda_other: float = 0.4  # push down the top wrong class on adversarial images
     lambda_target: float = 0.4  # push down the estimated target on adversarial images
-    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
 
-    def __post_init__(self):
-        for name in ("warmup_epochs", "epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
-        for name in ("batch_size", "inner_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_lr", "lr", "trigger_norm", "adv_lr"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for field in fields(self):
-            if field.name.startswith("lambda_") or field.name in ("momentum", "weight_decay"):
-                if getattr(self, field.name) < 0:
-                    raise ValueError(f"{field.name} must be non-negative, got {getattr(self, field.name)}")
+    def checks(self) -> dict[str, bool]:
+        positive = ("warmup_lr", "trigger_norm", "adv_lr")
+        return {"warmup_epochs": self.warmup_epochs >= 0, "inner_steps": self.inner_steps >= 1,
+                **{name: getattr(self, name) > 0 for name in positive},
+                **{f.name: getattr(self, f.name) >= 0 for f in fields(self) if f.name.startswith("lambda_")}}
 
 
 def make_polarizer(channels: int) -> nn.Sequential:
@@ -127,15 +121,6 @@ def polarizer_loss(clean_logits, adv_logits, labels, targets, params: NPDParams)
             + params.lambda_target * -torch.log(1.0001 - probs.gather(1, targets[:, None])).mean())
 
 
-class Progress:
-    """Everything a training loop of the polarizer changes (every other weight is frozen): what a
-    checkpoint between epochs holds. The counts are the last epoch's perturbation outcomes."""
-
-    def __init__(self, polarizer: nn.Module, optimiser: torch.optim.Optimizer, generator: torch.Generator):
-        self.polarizer, self.optimiser, self.generator = polarizer, optimiser, generator
-        self.epoch = self.hit_target = self.hit_label = self.seen = 0
-
-
 def passes_per_run(p, m: MitigationSize) -> float:
     """Passes of one run: per step: the PGD steps, then the clean and adversarial batches."""
     return p.warmup_epochs * m.images + p.epochs * m.images * (p.inner_steps + 2)
@@ -168,20 +153,19 @@ def neural_polarizer(model, data, params: NPDParams, device):
 
     per_epoch = -(-n // params.batch_size)
 
-    def checkpointed_epochs(stage: str, progress: Progress, epochs: int, train_batch) -> None:
+    def checkpointed_epochs(stage: str, state: LoopState, epochs: int, train_batch) -> None:
         """``epochs`` epochs of ``train_batch(x, y)`` (which returns the loss), a phase of the defense
-        checkpoint saved between epochs; losses are checked for NaN at each epoch's end."""
+        checkpoint saved between epochs; losses are checked for NaN at each epoch's end. ``state``
+        holds everything the epochs change (the polarizer: every other weight is frozen)."""
         watch = LossWatch(data.images.device, lambda step: f"NPD {stage} epoch {step // per_epoch + 1}, "
                           f"batch {step % per_epoch + 1}")
-        with loop_checkpoint(f"NPD {stage}", progress) as checkpoint:
-            while progress.epoch < epochs:
-                for step, (x, y) in enumerate(epoch_batches(), progress.epoch * per_epoch):
-                    watch.observe(train_batch(x, y), step)
-                watch.check()
-                progress.epoch += 1
-                checkpoint.boundary(finished=progress.epoch == epochs)
+        for epoch in checkpointed_steps(f"NPD {stage}", state, epochs):
+            for step, (x, y) in enumerate(epoch_batches(), epoch * per_epoch):
+                watch.observe(train_batch(x, y), step)
+            watch.check()
 
-    warmup = Progress(polarizer, torch.optim.SGD(polarizer.parameters(), lr=params.warmup_lr), generator)
+    warmup = LoopState(polarizer=polarizer, optimiser=torch.optim.SGD(polarizer.parameters(), lr=params.warmup_lr),
+                       generator=generator)
 
     def warmup_batch(x, y):
         loss = F.cross_entropy(forward(x), y)
@@ -194,7 +178,9 @@ def neural_polarizer(model, data, params: NPDParams, device):
 
     optimiser = torch.optim.SGD(polarizer.parameters(), lr=params.lr, momentum=params.momentum,
                                 weight_decay=params.weight_decay)
-    progress = Progress(polarizer, optimiser, generator)
+    # The counts are the last epoch's perturbation outcomes.
+    progress = LoopState(polarizer=polarizer, optimiser=optimiser, generator=generator, hit_target=0, hit_label=0,
+                         seen=0)
 
     def polarizer_batch(x, y):
         with torch.no_grad():
@@ -205,7 +191,7 @@ def neural_polarizer(model, data, params: NPDParams, device):
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        if progress.epoch == params.epochs - 1:  # how the perturbations fared in the last epoch
+        if progress.step == params.epochs - 1:  # how the perturbations fared in the last epoch
             predicted = adv_logits.detach().argmax(1)
             progress.hit_target += int((predicted == targets).sum())
             progress.hit_label += int((predicted == y).sum())

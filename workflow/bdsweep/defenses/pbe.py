@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BatchHook, augment_batch, batch_count, train
-from ..params import check_ranges
+from ..params import BatchSize
 from ..passes import MitigationSize
-from ..recipe import Recipe
+from ..recipe import TrainingParams
 from . import Defended, MitigationData, defense, run_seed
 from .support import accuracy, batching_notes, untrainable
 
@@ -55,15 +55,15 @@ ATTACK_MODES = ("train", "eval")
 
 
 @dataclass(frozen=True)
-class PBEParams:
+class PBEParams(TrainingParams):
+    OWNER = "PBE"
+    SCHEDULES = ("constant", "cosine")  # the engine's "constant" or "cosine" (over the passes)
+
     epochs: int = 20
+    batch_size: BatchSize = 256  # FORK's config/defense/pbe/default.yaml
     adversarial_epochs: int = 20  # the first ones have an adversarial pass (FORK: all 20; more than epochs: all)
     alternate: bool = True  # every epoch adversarial then clean (FORK); False: adversarial epochs, then clean ones
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 256  # FORK's config/defense/pbe/default.yaml
-    schedule: str = "constant"  # the engine's "constant" or "cosine" (over the passes)
+    schedule: str = "constant"
     pgd_steps: int = 7
     eps: float = 0.02  # L-inf bound, in the space ``space`` names
     alpha_scale: float = 5.0  # PGD step = eps / alpha_scale
@@ -71,25 +71,17 @@ class PBEParams:
     space: str = "normalised"  # where delta, eps and the [0, 1] clamp act: FORK's "normalised" or "pixel"
     fresh_optimiser: bool = True  # FORK: a new SGD per adversarial batch and per clean pass
     attack_mode: str = "train"  # the model's mode while PGD runs: FORK's "train" or "eval"
-    augment: bool = True  # random crop (padding 4) and flip where the dataset allows
     crop_padding: int = 4
 
-    def __post_init__(self):
-        check_ranges("PBE", self, {
-            "epochs": self.epochs >= 1,
+    def checks(self) -> dict[str, bool]:
+        return {
             "adversarial_epochs": self.adversarial_epochs >= 0,
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "batch_size": self.batch_size >= 1,
-            "schedule": self.schedule in ("constant", "cosine"),
             "pgd_steps": self.pgd_steps >= 1,
             "eps": 0 < self.eps <= 1,
             "alpha_scale": self.alpha_scale > 0,
             "space": self.space in SPACES,
             "attack_mode": self.attack_mode in ATTACK_MODES,
-            "crop_padding": self.crop_padding >= 0,
-        })
+        }
 
     def passes(self) -> tuple[bool, ...]:
         """One flag per pass, True for an adversarial one, in the order they run."""
@@ -205,9 +197,7 @@ def progressive_backdoor_erasing(model, data, params: PBEParams, device):
     generator = torch.Generator(device=data.images.device).manual_seed(seed)
     hook = AdversarialFineTuning(model, data, params, generator)
     passes = params.passes()
-    recipe = Recipe(epochs=len(passes), batch_size=params.batch_size, lr=params.lr, momentum=params.momentum,
-                    weight_decay=params.weight_decay, schedule=params.schedule, crop_padding=params.crop_padding,
-                    augment=False)  # the hook augments, before its attack
+    recipe = params.recipe(epochs=len(passes), augment=False)  # the hook augments, before its attack
     curve = train(model, data.images, data.labels, recipe, data.normalisation, seed, description="PBE", hook=hook)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise RuntimeError("PBE fine-tuning produced non-finite weights")

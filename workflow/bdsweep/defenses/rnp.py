@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..checkpoints import loop_checkpoint
+from ..checkpoints import LoopState, checkpointed_steps
 from ..engine import LossWatch, NonFiniteLoss, autocast
 from ..models import batch_norms
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from . import Defended, MitigationData, defense, run_seed
 from .support import batches
@@ -70,7 +70,7 @@ class RNPParams:
     recover_epochs: int = 20
     threshold_step: float = 0.02  # FORK's sweep step (`rnp.py:508-531`)
     max_accuracy_drop: float = 0.02  # FORK recovery_drop: absolute drop of mitigation accuracy allowed
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     augment: bool = True  # both stages train on augmented batches, as FORK's loader
     augment_accuracy: bool = True  # FORK's quirk: the sweep's accuracy is measured on augmented images
     round_scores: bool = True  # FORK's quirk: mask scores rounded to 4 decimals
@@ -118,19 +118,6 @@ def masked_logits(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Ten
         return functional_call(model, overrides, (x,)).float()
 
 
-class Progress:
-    """Everything a stage's epochs change: what a checkpoint between epochs holds. ``trained`` is the
-    unlearned copy (unlearning only); ``masks`` are the optimiser's tensors, restored in place."""
-
-    def __init__(self, trained: nn.Module | None, masks: dict[str, torch.Tensor], optimiser: torch.optim.Optimizer,
-                 generator: torch.Generator, schedule: torch.optim.lr_scheduler.LRScheduler | None = None):
-        self.masks, self.optimiser, self.generator, self.schedule = masks, optimiser, generator, schedule
-        if trained is not None:
-            self.trained = trained
-        self.epochs, self.done = 0, False
-        self.train_accuracy = 1.0  # of the last epoch; unlearning only
-
-
 def unlearn(model: nn.Module, masks: dict[str, torch.Tensor], data: MitigationData, params: RNPParams,
             generator: torch.Generator, lr: float | None = None, label: str = "RNP unlearning") -> tuple[int, float]:
     """Gradient ascent on the clean loss, in place, on the weights and (``unlearn_masks``) the masks;
@@ -142,31 +129,30 @@ def unlearn(model: nn.Module, masks: dict[str, torch.Tensor], data: MitigationDa
                                 weight_decay=params.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=params.unlearn_epochs)
     model.train()
-    progress = Progress(model, masks, optimiser, generator, schedule)
+    # Everything the epochs change; the masks are the optimiser's tensors, restored in place.
+    progress = LoopState(trained=model, masks=masks, optimiser=optimiser, generator=generator, schedule=schedule,
+                         train_accuracy=1.0)  # of the last epoch
     watch = LossWatch(data.images.device, lambda epoch: f"RNP unlearning epoch {epoch + 1}")
-    with loop_checkpoint(label, progress) as checkpoint:  # saved between epochs
-        while not progress.done:
-            correct, seen = torch.zeros((), dtype=torch.long, device=data.images.device), 0
-            for x, y in training_batches(data, params, generator):
-                logits = masked_logits(model, masks, x)
-                loss = F.cross_entropy(logits, y)
-                watch.observe(loss, progress.epochs)
-                optimiser.zero_grad(set_to_none=True)
-                (-loss).backward()
-                if params.clip_gradients:
-                    nn.utils.clip_grad_norm_(trained, GRADIENT_CLIP)
-                optimiser.step()
-                correct += (logits.argmax(1) == y).sum()  # summed on the device: one sync per epoch
-                seen += len(y)
-            schedule.step()
-            watch.check()
-            progress.epochs, progress.train_accuracy = progress.epochs + 1, correct.item() / max(seen, 1)
-            progress.done = (progress.epochs == params.unlearn_epochs
-                             or progress.train_accuracy <= params.clean_threshold)
-            checkpoint.boundary(finished=progress.done)
+    for epoch in checkpointed_steps(label, progress, params.unlearn_epochs,  # saved between epochs
+                                    stop_early=lambda: progress.train_accuracy <= params.clean_threshold):
+        correct, seen = torch.zeros((), dtype=torch.long, device=data.images.device), 0
+        for x, y in training_batches(data, params, generator):
+            logits = masked_logits(model, masks, x)
+            loss = F.cross_entropy(logits, y)
+            watch.observe(loss, epoch)
+            optimiser.zero_grad(set_to_none=True)
+            (-loss).backward()
+            if params.clip_gradients:
+                nn.utils.clip_grad_norm_(trained, GRADIENT_CLIP)
+            optimiser.step()
+            correct += (logits.argmax(1) == y).sum()  # summed on the device: one sync per epoch
+            seen += len(y)
+        schedule.step()
+        watch.check()
+        progress.train_accuracy = correct.item() / max(seen, 1)
     for t in trained:
         t.requires_grad_(False)
-    return progress.epochs, progress.train_accuracy
+    return progress.step, progress.train_accuracy
 
 
 def learn_neuron_mask(unlearned: nn.Module, masks: dict[str, torch.Tensor], data: MitigationData, params: RNPParams,
@@ -178,22 +164,19 @@ def learn_neuron_mask(unlearned: nn.Module, masks: dict[str, torch.Tensor], data
     optimiser = torch.optim.SGD(masks.values(), lr=params.recover_lr, momentum=params.momentum)
     unlearned.requires_grad_(False).train()  # train mode as in FORK: BN normalises with batch statistics
     # The BN running statistics this updates are not in the checkpoint: in train mode they never reach the outputs.
-    progress = Progress(None, masks, optimiser, generator)
+    progress = LoopState(masks=masks, optimiser=optimiser, generator=generator)  # the masks: restored in place
     watch = LossWatch(data.images.device, lambda epoch: f"RNP mask recovery epoch {epoch + 1}")
-    with loop_checkpoint(label, progress) as checkpoint:  # saved between epochs
-        while progress.epochs < params.recover_epochs:
-            for x, y in training_batches(data, params, generator):
-                loss = F.cross_entropy(masked_logits(unlearned, masks, x), y)  # no alpha (`rnp.py:179`)
-                watch.observe(loss, progress.epochs)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                with torch.no_grad():
-                    for mask in masks.values():
-                        mask.clamp_(0.0, 1.0)
-            watch.check()
-            progress.epochs += 1
-            checkpoint.boundary(finished=progress.epochs == params.recover_epochs)
+    for epoch in checkpointed_steps(label, progress, params.recover_epochs):  # saved between epochs
+        for x, y in training_batches(data, params, generator):
+            loss = F.cross_entropy(masked_logits(unlearned, masks, x), y)  # no alpha (`rnp.py:179`)
+            watch.observe(loss, epoch)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                for mask in masks.values():
+                    mask.clamp_(0.0, 1.0)
+        watch.check()
     return {name: mask.detach() for name, mask in masks.items()}
 
 

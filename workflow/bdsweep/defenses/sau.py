@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import BatchHook, augment_batch, train
-from ..params import check_ranges
+from ..params import BatchSize, check_ranges
 from ..passes import FORWARD, MitigationSize
 from ..recipe import Recipe
 from . import Defended, MitigationData, defense, run_seed
@@ -53,7 +53,7 @@ from .support import accuracy, batching_notes, untrainable
 @dataclass(frozen=True)
 class SAUParams:
     rounds: int = 100  # epochs over the mitigation data (Tiny-ImageNet: 20)
-    batch_size: int = 256
+    batch_size: BatchSize = 256
     lr: float = 1e-4  # Adam
     amsgrad: bool = True  # FORK's Adam (train_settings_generate.py:49-53)
     weight_decay: float = 0.0
