@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
 
 from bdsweep.attacks import ResourceContext, apply_in_batches  # noqa: E402
-from bdsweep.attacks.ssba import load_encoder  # noqa: E402
+from bdsweep.attacks.ssba import load_encoder, trigger_code  # noqa: E402
 from bdsweep.engine import Normalisation  # noqa: E402
 from bdsweep.models import create_model  # noqa: E402
 from bdsweep.registry import ATTACKS  # noqa: E402
@@ -64,9 +64,10 @@ def reference_ssba(images, resource, params):
     device = torch.device("cpu")
     encoder = load_encoder(resource, params, device)
 
+    code = torch.from_numpy(trigger_code(params))[None]
+
     def one(image):
-        stamped = apply_in_batches(np.asarray(image)[None], lambda x: encoder(x, torch.ones(1, params.secret_bits)),
-                                   device, batch_size=1)
+        stamped = apply_in_batches(np.asarray(image)[None], lambda x: encoder(x, code), device, batch_size=1)
         return Image.fromarray(stamped[0])
 
     return per_image(images, one)
@@ -81,8 +82,8 @@ REFERENCES = {
 }
 TOLERANCE = {"ssba": 1}  # pixel levels (see the module docstring)
 # Cheap resources: throughput does not depend on how well a learned trigger was trained.
-RESOURCE_OVERRIDES = {"lf": {"steps": 2, "batch_size": 8, "images": 64}, "ssba": {"steps": 2, "train_images": 64,
-                                                                                   "eval_images": 8}}
+RESOURCE_OVERRIDES = {"lf": {"steps": 2, "batch_size": 8, "images": 64},
+                      "ssba": {"steps": 2, "epochs": 1, "train_images": 64, "eval_images": 8}}
 
 
 def timed(function, *args, repeat: int = 3) -> tuple[np.ndarray, float]:

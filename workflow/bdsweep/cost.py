@@ -20,7 +20,8 @@ typical bound rather than a measurement:
   on a GPU, so small-SPC runs take longer than estimated; the per-job start-up (Python, model
   loading) is not counted;
 - stages that run on the CPU (data, pools, partitions, poisoning, tables, figures) count no GPU
-  hours; the SSBA encoder's training (resources) is not modelled.
+  hours; the SSBA encoder's training (resources) is not modelled (FORK's StegaStamp generator: 20 epochs
+  over the training set at about 1/8 of a PreAct-ResNet18 pass per image, no throughput measured).
 """
 
 from __future__ import annotations
@@ -249,7 +250,8 @@ def training_passes(config: dict, model: grid.ModelKey, facts: DatasetFacts) -> 
 
 def resource_passes(config: dict, dataset: str, scope: str, attack: str) -> float | None:
     """LF's perturbation: its signed-gradient steps through the clean model; others are not modelled
-    (SSBA: a small encoder, minutes) or need no GPU (patches, patterns, signals)."""
+    (SSBA: an encoder and decoder outside the classifier throughputs) or need no GPU (patches, patterns,
+    signals)."""
     if attack == "lf":
         architecture = None if scope == SHARED_SCOPE else scope
         overrides = method_params(config["attacks"]["lf"], dataset, architecture)
@@ -337,7 +339,7 @@ def estimate(config: dict, throughput: Throughput) -> Estimate:
     notes = [str(w.message) for w in caught]
     if unmodelled:
         notes.append("not modelled (excluded from resources and the total): the SSBA encoder's training, "
-                     f"{len(unmodelled)} resource job(s); minutes each on a GPU")
+                     f"{len(unmodelled)} resource job(s); 20 epochs of a StegaStamp encoder each by default, a GPU job")
     total = resource_hours + data_hours + time_hours + defend_hours
     return Estimate(throughput.device, throughput.path, throughput.entry.get("note", ""), stages, defenses, total,
                     notes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from typing import Annotated, Any
 
@@ -20,6 +21,12 @@ FixedBatchSize = Annotated[int, _FIXED]
 
 
 def _coerce(owner: str, key: str, kind: Any, value: Any) -> Any:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # ``X | None``: None or an X
+        options = [option for option in typing.get_args(kind) if option is not type(None)]
+        if value is None and len(options) < len(typing.get_args(kind)):
+            return None
+        if len(options) == 1:
+            return _coerce(owner, key, options[0], value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
