@@ -51,9 +51,12 @@ def formula_per_image(formula):
     """A reference that applies ``formula(float image) -> float image`` to one PIL image at a time."""
 
     def reference(images, resource, params):
+        # The attack's own rule for a fractional result: truncation (the toolkit's uint8 cast) or rounding.
+        whole = np.floor if getattr(params, "rounding", "round") == "truncate" else np.rint
+
         def one(image):
-            pixels = np.asarray(image, dtype=np.float32)
-            return Image.fromarray(np.clip(np.rint(formula(pixels, resource, params)), 0, 255).astype(np.uint8))
+            pixels = np.asarray(image, dtype=np.float64)
+            return Image.fromarray(np.clip(whole(formula(pixels, resource, params)), 0, 255).astype(np.uint8))
 
         return per_image(images, one)
 
@@ -75,8 +78,10 @@ def reference_ssba(images, resource, params):
 
 REFERENCES = {
     "badnets": reference_badnets,
-    "blended": formula_per_image(lambda x, r, p: (1 - p.alpha) * x + p.alpha * r["pattern"].astype(np.float32)),
-    "sig": formula_per_image(lambda x, r, p: x + np.rint(r["signal"])[:, :, None]),
+    # The toolkit's float32 pattern (ToTensor, then * 255) times alpha, as bdsweep.attacks.blended reproduces it.
+    "blended": formula_per_image(lambda x, r, p: (1 - p.alpha) * x + (
+        r["pattern"].astype(np.float32) / np.float32(255) * np.float32(255) * np.float32(p.alpha)).astype(np.float64)),
+    "sig": formula_per_image(lambda x, r, p: x + r["signal"][:, :, None]),
     "lf": formula_per_image(lambda x, r, p: x + np.rint(r["perturbation"])),
     "ssba": reference_ssba,
 }
