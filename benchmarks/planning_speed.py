@@ -6,8 +6,13 @@
 
 1. Dry run: ``snakemake -n --quiet rules`` in an empty directory: wall time and peak memory (the
    child's maximum resident set, from ``wait4``).
-2. No-op rerun: every output of the DAG (listed by ``snakemake --summary``) is created empty with
-   one modification time, then ``snakemake --cores 1`` must find nothing to do; its wall time.
+2. No-op rerun: every output of the DAG (listed by ``snakemake --summary``) is created with one
+   modification time, empty but for the models' manifests, which list their run files (created
+   empty too) as a finished workflow's do, then ``snakemake --cores 1`` must find nothing to do;
+   its wall time, which includes checking that every run file a manifest lists exists.
+
+Files a configuration names (a key image, a trigger pattern) are created empty in the scratch
+directory: planning checks only that they exist.
 
 ``--reference REV`` runs the same measurements on the workflow of git revision REV (extracted
 with ``git archive``), e.g. the one-job-per-run design this repository had before the two-level
@@ -45,29 +50,58 @@ def snakemake(snakefile: Path, config: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--configfile", str(config), *args]
 
 
-def place_pattern_files(config: Path, workdir: Path) -> None:
-    """A stand-in image wherever the configuration names an attack's image file by a relative path
-    (the paper preset's Blended key image, which bdsweep does not ship): validation needs the file,
-    planning never reads its pixels."""
-    from PIL import Image
+def named_files(config: dict) -> list[str]:
+    """The files the attacks' parameters name (Blended's key image, LF's pattern)."""
+    return [value for params in (config.get("attacks") or {}).values() if isinstance(params, dict)
+            for key, value in params.items() if key in ("image", "pattern") and value]
 
-    attacks = (yaml.safe_load(config.read_text()) or {}).get("attacks") or {}
-    for params in attacks.values():
-        image = (params or {}).get("image")
-        if image and not Path(image).is_absolute() and not (workdir / image).exists():
-            (workdir / image).parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (32, 32), (128, 64, 32)).save(workdir / image)
+
+def finish_manifests(workdir: Path, config: Path, outputs: list[str]) -> None:
+    """Write each manifest among ``outputs`` as its model's job would, listing its run files, and
+    create those: the no-op rerun checks that every listed run file exists."""
+    import json
+
+    sys.path.insert(0, str(REPO / "workflow"))
+    from bdsweep import grid, layout
+    from bdsweep.config import validate_config
+
+    here = Path.cwd()
+    os.chdir(workdir)  # relative paths in the configuration start at the working directory
+    try:
+        settings = validate_config(yaml.safe_load(config.read_text()))
+    finally:
+        os.chdir(here)
+    manifest_pattern, run_pattern = (layout.under(settings["results"], pattern)
+                                     for pattern in (layout.MANIFEST, layout.RUN))
+    wanted = set(outputs)
+    for model in grid.models(settings):
+        manifest = manifest_pattern.format(**model.wildcards())
+        if manifest not in wanted:
+            continue
+        runs = [{"defense": defense, "mitigation": token, "fingerprint": "0" * 12, "batch_percent": 100,
+                 "computed": True, "path": run_pattern.format(**model.wildcards(), defense=defense, mitigation=token)}
+                for defense, entry in grid.defense_plan(settings, model.dataset, model.architecture).items()
+                for token in entry["mitigations"]]  # as stages/defend_model.py writes them
+        for run in runs:
+            (workdir / run["path"]).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / run["path"]).touch()
+        (workdir / manifest).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / manifest).write_text(json.dumps({"coordinates": model.wildcards(), "runs": runs,
+                                                    "computed": len(runs), "reused": 0}))
 
 
 def measure(snakefile: Path, config: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bdsweep-plan-") as scratch:
         workdir = Path(scratch)
-        place_pattern_files(config, workdir)
+        for name in named_files(yaml.safe_load(config.read_text())):
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / name).touch()
         plan_s, plan_gb, output = measured(snakemake(snakefile, config, "-n", "--quiet", "rules"), workdir)
         jobs = next(int(line.split()[-1]) for line in output.splitlines() if line.startswith("total"))
 
         _, _, summary = measured(snakemake(snakefile, config, "--summary"), workdir)
         outputs = [line.split("\t")[0] for line in summary.splitlines()[1:] if "\t" in line]
+        finish_manifests(workdir, config, outputs)
         stamp = time.time_ns()
         for name in outputs:  # one modification time for all: no input is newer than its outputs
             path = workdir / name

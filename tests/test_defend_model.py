@@ -176,17 +176,62 @@ def test_workers_must_be_positive(digits_backdoor, tmp_path):
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_a_model_newer_than_its_runs_reruns_them_as_snakemake_would(digits_backdoor, tmp_path):
+def _run_spec(tmp_path, out="run.json"):
+    from bdsweep.runs import RunSpec
+
+    return RunSpec(defense="none", overrides={}, coordinates={"dataset": "digits"}, partition=None,
+                   out=str(tmp_path / out))
+
+
+def test_a_run_file_is_up_to_date_exactly_when_it_records_the_fingerprint_whatever_its_age(tmp_path):
+    import os
+
+    from bdsweep.runs import up_to_date
+
+    run = _run_spec(tmp_path)
+    assert not up_to_date(run, "abc")  # missing
+    (tmp_path / "run.json").write_text(json.dumps({"inputs_fingerprint": "abc"}))
+    os.utime(tmp_path / "run.json", ns=(1, 1))  # older than any input: age does not matter
+    assert up_to_date(run, "abc")
+    assert not up_to_date(run, "abd")  # an input's contents changed
+    for damaged in ('{"inputs_fingerprint": "ab', "[1, 2]", ""):  # unreadable or not a run record
+        (tmp_path / "run.json").write_text(damaged)
+        assert not up_to_date(run, "abc")
+
+
+def test_inputs_rewritten_with_equal_bytes_rerun_nothing_and_other_bytes_rerun_their_runs(
+        digits_backdoor, tmp_path, one_thread):
     import os
     import shutil
 
+    import numpy as np
+    import torch
+
+    from bdsweep.model_file import load_model, save_model
+
     model = tmp_path / "model"
     shutil.copytree(digits_backdoor, model, ignore=shutil.ignore_patterns("*.ckpt", "run*"))
-    defend_model(model, plan(none={}, clp={}), tmp_path / "runs")
-    later = (tmp_path / "runs" / "none" / "nodata.json").stat().st_mtime_ns + 10**9
-    os.utime(model / "model.pt", ns=(later, later))  # retrained to the same bytes
-    _, manifest = defend_model(model, plan(none={}, clp={}), tmp_path / "runs")
-    assert manifest["computed"] == 2
+    defenses = plan(none={}, clp={}, ft=FT)
+    defend_model(model, defenses, tmp_path / "runs")
+    first = mtimes(tmp_path / "runs")
+    later = max(first.values()) + 10**9
+    for name in ("model.pt", "spc10.npy", "poison.npz"):  # retrained, redrawn, re-poisoned: same bytes
+        (model / name).write_bytes((model / name).read_bytes())
+        os.utime(model / name, ns=(later, later))
+    _, manifest = defend_model(model, defenses, tmp_path / "runs")
+    assert (manifest["computed"], manifest["reused"]) == (0, 3) and mtimes(tmp_path / "runs") == first
+
+    partition = np.load(model / "spc10.npy")
+    np.save(model / "spc10.npy", partition[::-1].copy())  # another draw: only the run using it reruns
+    _, manifest = defend_model(model, defenses, tmp_path / "runs")
+    assert [run["defense"] for run in manifest["runs"] if run["computed"]] == ["ft"]
+
+    weights, metadata = load_model(model / "model.pt")
+    with torch.no_grad():
+        next(weights.parameters()).add_(0.01)
+    save_model(model / "model.pt", weights, metadata)  # retrained to other weights
+    _, manifest = defend_model(model, defenses, tmp_path / "runs")
+    assert manifest["computed"] == 3  # all its runs
 
 
 def test_equal_contents_give_equal_files_so_fingerprints_compare_contents(tmp_path):

@@ -105,3 +105,26 @@ def test_a_table_without_successful_runs_is_an_error(tmp_path):
     table = aggregate(write_runs(tmp_path, [record(status="failed")]), tmp_path / "t.parquet")
     with pytest.raises(ValueError, match="no successful runs"):
         draw("fig6_boxplots", table, tmp_path / "f.png", tmp_path / "f.pdf")
+
+
+def test_a_manifest_is_stale_when_a_run_file_it_lists_is_gone_or_it_cannot_be_read(tmp_path, monkeypatch):
+    from bdsweep.results import missing_runs
+
+    monkeypatch.chdir(tmp_path)  # manifests list paths relative to the working directory, as the workflow's
+    runs = [f"runs/m/{defense}/{token}.json" for defense in ("ft", "clp") for token in ("a", "b")]
+    for run in runs:
+        (tmp_path / run).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / run).write_text("{}")
+    manifest = tmp_path / "manifest.json"
+    assert missing_runs(manifest) is None  # absent: Snakemake runs its job anyway
+    manifest.write_text(json.dumps({"runs": [{"path": run} for run in runs]}))
+    assert missing_runs(manifest) is None
+    (tmp_path / runs[1]).unlink()
+    assert missing_runs(manifest) == f"1 of its 4 run files missing ({runs[1]})"
+    for run in runs[2:]:
+        (tmp_path / run).unlink()
+    (tmp_path / "runs/m/clp").rmdir()  # a whole defense's directory gone
+    assert missing_runs(manifest).startswith(f"3 of its 4 run files missing ({runs[1]}, {runs[2]}, {runs[3]})")
+    for damaged in ("", '{"runs": [{"pa', '{"runs": [{"file": "x"}]}', "[]"):
+        manifest.write_text(damaged)
+        assert missing_runs(manifest).startswith("unreadable")

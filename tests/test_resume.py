@@ -190,3 +190,17 @@ def test_the_train_stage_killed_and_rerun_writes_the_uninterrupted_runs_model(st
     weights = torch.load(root / out / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(reference_weights[name], weights[name]) for name in reference_weights)
     assert not checkpoint.exists()  # removed once every output is written
+
+
+def test_a_checkpoint_follows_its_inputs_contents_not_their_modification_times(tmp_path):
+    from bdsweep.checkpoints import fingerprint
+
+    poison = tmp_path / "poison.npz"
+    poison.write_bytes(b"drawn")
+    first = fingerprint({"seed": 0}, [poison])
+    poison.write_bytes(b"drawn")  # redrawn with equal bytes, later
+    os.utime(poison, ns=(time.time_ns() + 10**9,) * 2)
+    assert fingerprint({"seed": 0}, [poison]) == first
+    poison.write_bytes(b"other")
+    assert fingerprint({"seed": 0}, [poison]) != first
+    assert fingerprint({"seed": 1}, [tmp_path / "poison.npz"]) != fingerprint({"seed": 0}, [poison])

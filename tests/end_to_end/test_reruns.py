@@ -9,7 +9,9 @@ the results table (or the figures) only, as summary tables add minutes and nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -86,15 +88,61 @@ def test_adding_a_seed_and_a_defense_runs_only_the_new_runs(tiny):
     assert len(pd.read_parquet(workdir / "results" / "table" / "runs.parquet")) == 2 * (1 + 1 + 2 + 2)
 
 
-def test_deleting_a_model_reruns_that_model_and_its_runs(tiny):
+def manifest_of(workdir, run):
+    """The manifest of the model ``run`` (a path under results/runs) belongs to, read."""
+    model = run.parts[:4]  # dataset, architecture, attack, ratio
+    return json.loads((workdir / "results" / "manifests" / Path(*model[:3]) / f"{model[3]}.json").read_text())
+
+
+def test_deleting_a_model_retrains_it_and_equal_bytes_rerun_none_of_its_runs(tiny):
     workdir, _ = tiny
     before = runs_of(workdir)
     models = mtimes(workdir / "results" / "models", "model.pt")
     victim = next(path for path in models if path.parts[2] == "badnets")
+    victim_bytes = (workdir / "results" / "models" / victim).read_bytes()
     (workdir / "results" / "models" / victim).unlink()
     snakemake(workdir, TARGET)
     assert changed(models, mtimes(workdir / "results" / "models", "model.pt")) == {victim}
-    assert changed(before, runs_of(workdir)) == {path for path in before if path.parts[2] == "badnets"}
+    # Training is deterministic on CPU: the same bytes, so its runs' fingerprints hold and its job
+    # (rerun by Snakemake, the model being newer than its manifest) computes none of them.
+    assert (workdir / "results" / "models" / victim).read_bytes() == victim_bytes
+    assert runs_of(workdir) == before
+    its_runs = [path for path in before if path.parts[:4] == victim.parts[:4]]
+    assert (manifest_of(workdir, its_runs[0])["computed"], manifest_of(workdir, its_runs[0])["reused"]) == (
+        0, len(its_runs))
+
+
+def test_a_deleted_partition_is_redrawn_by_the_next_jobs_that_read_it_and_reruns_no_run_on_it(tiny):
+    workdir, config = tiny
+    before = runs_of(workdir)
+    partition = workdir / "results" / "partitions" / "digits" / "spc10" / "seed0.npy"
+    drawn = partition.read_bytes()
+    partition.unlink()
+    # An intermediate file: Snakemake redraws it only for a job that reads it, here every model's
+    # job, which a changed CLP threshold reruns.
+    config["defenses"]["clp"]["u"] = 3.5
+    write_config(workdir, config)
+    snakemake(workdir, TARGET)
+    assert partition.read_bytes() == drawn  # redrawn: newer, with equal bytes
+    assert changed(before, runs_of(workdir)) == {path for path in before if path.parts[-2] == "clp"}
+
+
+def test_a_deleted_run_file_is_recomputed_by_a_plain_snakemake_call(tiny):
+    workdir, _ = tiny
+    assert "Nothing to be done" in snakemake(workdir, "-n", TARGET)
+    before = runs_of(workdir)
+    victim = next(path for path in before if path.parts[2] == "blended" and path.parts[-2] == "ft")
+    (workdir / "results" / "runs" / victim).unlink()
+    manifest = Path("results", "manifests", *victim.parts[:3], f"{victim.parts[3]}.json")
+    its_runs = [path for path in before if path.parts[:4] == victim.parts[:4]]
+    planned = snakemake(workdir, "-n", TARGET)
+    assert f"bdsweep: {manifest}: 1 of its {len(its_runs)} run files missing (results/runs/{victim})" in planned
+    assert "reason: Forced execution" in planned
+    assert re.search(r"^defend_model\s+1$", planned, re.MULTILINE)  # that model's job only
+    snakemake(workdir, TARGET)
+    assert changed(before, runs_of(workdir)) == {victim}
+    assert manifest_of(workdir, victim)["computed"] == 1
+    assert "Nothing to be done" in snakemake(workdir, "-n", TARGET)
 
 
 def test_editing_a_plotting_function_redraws_only_the_figures_that_use_it(tiny, tmp_path):

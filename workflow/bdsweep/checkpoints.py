@@ -52,9 +52,14 @@ def trace(message: str) -> None:
 
 
 def fingerprint(arguments: dict, files: list[str | os.PathLike] = ()) -> str:
-    """A hash of a job's arguments and of its input files' sizes and modification times."""
-    stats = [(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
-    blob = json.dumps({"arguments": arguments, "files": stats}, sort_keys=True, default=str)
+    """A hash of a job's arguments and of its input files' contents: an input rewritten with equal
+    bytes (a poison file redrawn, a results directory copied) keeps the checkpoint, as it keeps a
+    defense run (``runs.up_to_date``). Hashing costs about a second per GB, once per job."""
+    digests = []
+    for path in files:
+        with open(path, "rb") as handle:
+            digests.append((str(path), hashlib.file_digest(handle, "sha256").hexdigest()))
+    blob = json.dumps({"arguments": arguments, "files": digests}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -124,6 +124,35 @@ def runs_by_manifest(manifests: list[str | os.PathLike]) -> dict[str, str]:
     return {run["path"]: str(manifest) for manifest in manifests for run in read_json(manifest)["runs"]}
 
 
+def missing_runs(manifest: str | os.PathLike) -> str | None:
+    """Why an existing manifest's job must run again although Snakemake sees its output in place:
+    a run file it lists is gone, or the manifest cannot be read; None when it is absent (its job
+    runs anyway) or every run file it lists exists. Cheap enough for every model at planning: one
+    JSON read and one directory listing per defense, not one ``stat`` per run file."""
+    try:
+        with open(manifest) as handle:
+            paths = [run["path"] for run in json.load(handle)["runs"]]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:  # written atomically, so damaged by hand
+        return f"unreadable ({type(error).__name__}: {error})"
+    by_directory: dict[str, list[str]] = {}
+    for path in paths:
+        directory, name = os.path.split(path)
+        by_directory.setdefault(directory, []).append(name)
+    missing = []
+    for directory, names in by_directory.items():
+        try:
+            present = set(os.listdir(directory or "."))
+        except OSError:  # the directory itself is gone
+            present = set()
+        missing += [os.path.join(directory, name) for name in names if name not in present]
+    if not missing:
+        return None
+    named = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    return f"{len(missing)} of its {len(paths)} run files missing ({named})"
+
+
 def remake_command(argv: list[str], manifests: list[str]) -> str:
     """The command that recomputes the runs of ``manifests``: the Snakemake command line ``argv``
     (as started) forcing those models' jobs, which recompute every missing, unreadable or stale run

@@ -266,12 +266,11 @@ def defend(run: RunSpec, files: ModelFiles, device: torch.device, fingerprint: s
 IN_JOB_HALVINGS = 2
 
 
-def up_to_date(run: RunSpec, fingerprint: str, inputs_mtime_ns: int) -> bool:
-    """Whether ``run``'s file exists, records ``fingerprint`` and is newer than every input file
-    (Snakemake's rule: a retrained model reruns its runs even where its bytes are unchanged)."""
+def up_to_date(run: RunSpec, fingerprint: str) -> bool:
+    """Whether ``run``'s file exists and records ``fingerprint``. Contents decide, not modification
+    times: an input rewritten with equal bytes (a partition redrawn, a model retrained
+    deterministically) leaves its runs up to date; one with other bytes changes the fingerprint."""
     try:
-        if os.stat(run.out).st_mtime_ns < inputs_mtime_ns:
-            return False
         with open(run.out) as handle:
             return json.load(handle).get("inputs_fingerprint") == fingerprint
     except (OSError, ValueError, AttributeError):  # missing, unreadable, or not a run record

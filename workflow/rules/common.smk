@@ -14,6 +14,7 @@ shell.prefix(f"export PYTHONPATH={shlex.quote(WORKFLOW_DIR)}; ")
 from bdsweep import grid, layout  # noqa: E402
 from bdsweep.config import ConfigError, check_class_sizes, validate_config  # noqa: E402
 from bdsweep.figures import FIGURES  # noqa: E402
+from bdsweep.results import missing_runs  # noqa: E402
 from bdsweep.tables import TABLES  # noqa: E402
 
 try:
@@ -218,6 +219,7 @@ def defend_model_inputs(wildcards):
         PARTITION.format(dataset=wildcards.dataset, spc=spc, seed=seed)
         for spc, seed in sorted(map(layout.parse_mitigation, tokens - {layout.NO_DATA}))
     ]
+    force_if_runs_missing(MANIFEST.format(**wildcards))
     return {
         "data": data_files(wildcards.dataset),
         "model": MODEL.format(**wildcards),
@@ -225,6 +227,43 @@ def defend_model_inputs(wildcards):
         **backdoor_test_set(wildcards),
         "partitions": partitions,
     }
+
+
+# Why each manifest checked so far must be recomputed (None: it need not), so that each is checked
+# and reported once per invocation however often Snakemake asks for its job's inputs.
+_STALE_MANIFESTS = {}
+
+
+def force_if_runs_missing(manifest):
+    """A deleted run file reruns its model's job, from a plain `snakemake` call, dry runs included.
+
+    Snakemake sees a model's manifest, not its run files (the two levels keep planning fast), so
+    while it plans the model's job this checks the run files the manifest lists
+    (`bdsweep.results.missing_runs`: one JSON read and a directory listing per defense) and, if one
+    is gone or the manifest is unreadable, forces the job exactly as `--forcerun MANIFEST` would:
+    the DAG's set of forced files (Snakemake 9's DAG.forcefiles, which `--forcerun` fills and which
+    decides "Forced execution" once every job is planned). Not a parameter or an input that
+    changes: those would rerun the job a second time once the runs are back. The job then computes
+    only the missing runs. Not at parse time: Snakemake hands the workflow its DAG settings
+    (`--forcerun` among them) only after the Snakefile is parsed, and a manifest forced there would
+    become a target of its own. A cluster job's own Snakemake runs its job anyway: no check there.
+    """
+    if workflow.remote_exec:
+        return
+    checked = manifest in _STALE_MANIFESTS
+    if not checked:
+        _STALE_MANIFESTS[manifest] = missing_runs(manifest)
+    reason = _STALE_MANIFESTS[manifest]
+    if reason is None:
+        return
+    forced = getattr(getattr(workflow, "dag", None), "forcefiles", None)
+    if isinstance(forced, set):
+        forced.add(manifest)
+        remedy = "forcing its job, which computes only the missing runs"
+    else:  # the internal set is gone in this Snakemake version: say how to do it by hand
+        remedy = f"this Snakemake cannot be made to rerun its job: run snakemake --forcerun {manifest}"
+    if not checked:
+        logger.warning(f"bdsweep: {manifest}: {reason}; {remedy}")
 
 
 def defense_plan(dataset, architecture):

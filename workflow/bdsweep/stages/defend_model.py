@@ -150,14 +150,7 @@ def main(args):
     memory = device_memory(select_device(args.device)) if any(oom_marker(run.out).exists() for run in runs) else None
     percents = {run.out: needed_batch_percent(run.out, memory) for run in runs}
     fingerprints = {run.out: inputs_fingerprint(run, digests, percents[run.out]) for run in runs}
-    model_inputs = [path for path in (files.model, os.path.join(files.data, "meta.json"), files.backdoor) if path]
-    model_newest = max(os.stat(path).st_mtime_ns for path in model_inputs)
-
-    def newest_input(run: RunSpec) -> int:  # its own partition only: a new seed's leaves the others alone
-        return max(model_newest, os.stat(run.partition).st_mtime_ns) if run.partition else model_newest
-
-    pending = [(run, percents[run.out]) for run in runs
-               if not up_to_date(run, fingerprints[run.out], newest_input(run))]
+    pending = [(run, percents[run.out]) for run in runs if not up_to_date(run, fingerprints[run.out])]
     reduced = sum(percent < 100 for _, percent in pending)
     print(f"{len(runs)} runs: {len(runs) - len(pending)} up to date, {len(pending)} to compute"
           + (f" ({reduced} at reduced batch sizes after running out of memory before)" if reduced else ""),
