@@ -28,7 +28,7 @@ computed against a clean model of the (dataset, architecture) and added to image
   span less than ``plateau_tolerance`` (0.01, ``:160-166``). ``check_images`` is 1: the toolkit
   means 10 test images per class, but ``np.array`` of a generator makes its label array a 0-d object
   array, so its per-class draw keeps the first test image only (``generate_pattern.py:198-202``,
-  ``get_part_for_each_label`` ``:45-79``; numpy 1.x; numpy >= 2.1 raises there). bdsweep draws its
+  ``get_part_for_each_label`` ``:45-79``, under numpy 1.x; numpy 2.4 raises there). bdsweep draws its
   check images from the training images not fitted on.
 - The model input, a quirk reproduced by default (``normalised_input: false``): the toolkit feeds
   DeepFool and the label checks unnormalised [0, 1] images (its models have no normalisation layer,
