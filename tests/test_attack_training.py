@@ -19,7 +19,7 @@ TARGET = 0
 # CPU-sized schedules for the attacks that learn their trigger; everything else is the paper's. SSBA uses
 # its bounded generator, as config.yaml does (FORK's StegaStamp generator needs thousands of GPU steps).
 OVERRIDES = {
-    "lf": {"steps": 60, "batch_size": 64, "images": 800},
+    "lf": {"images": 50, "passes": 2},  # config.yaml's: the toolkit's search, shortened
     "ssba": {"generator": "bounded", "steps": 400, "train_images": 300, "batch_size": 32, "lr": 2e-3, "width": 8,
              "bit_accuracy_target": 0.85},
     "wanet": {"s": 5.0},  # the paper's s = 0.5 (a sub-pixel warp) does not take in 12 epochs on upscaled digits

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from . import grid
+from .attacks.lf import generation_passes
 from .config import method_params
 from .data.sources import Sizes as DatasetFacts
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
@@ -249,14 +250,13 @@ def training_passes(config: dict, model: grid.ModelKey, facts: DatasetFacts) -> 
 
 
 def resource_passes(config: dict, dataset: str, scope: str, attack: str) -> float | None:
-    """LF's perturbation: its signed-gradient steps through the clean model; others are not modelled
-    (SSBA: an encoder and decoder outside the classifier throughputs) or need no GPU (patches, patterns,
-    signals)."""
+    """LF's perturbation: its gradient steps through the clean model (``attacks.lf.generation_passes``);
+    others are not modelled (SSBA: an encoder and decoder outside the classifier throughputs) or need no
+    GPU (patches, patterns, signals)."""
     if attack == "lf":
         architecture = None if scope == SHARED_SCOPE else scope
         overrides = method_params(config["attacks"]["lf"], dataset, architecture)
-        lf = resolve(ATTACKS.get("lf").params, overrides, "attacks.lf")
-        return lf.steps * lf.batch_size
+        return generation_passes(resolve(ATTACKS.get("lf").params, overrides, "attacks.lf"))
     return None if attack == "ssba" else 0.0
 
 
