@@ -36,7 +36,6 @@ from pathlib import Path
 import yaml
 
 from . import grid
-from .attacks.lf import generation_passes
 from .config import method_params
 from .data.sources import Sizes as DatasetFacts
 from .layout import CLEAN, CLEAN_RATIO, NO_DATA, SHARED_SCOPE, parse_mitigation
@@ -250,14 +249,13 @@ def training_passes(config: dict, model: grid.ModelKey, facts: DatasetFacts) -> 
 
 
 def resource_passes(config: dict, dataset: str, scope: str, attack: str) -> float | None:
-    """LF's perturbation: its gradient steps through the clean model (``attacks.lf.generation_passes``);
-    others are not modelled (SSBA: an encoder and decoder outside the classifier throughputs) or need no
-    GPU (patches, patterns, signals)."""
-    if attack == "lf":
-        architecture = None if scope == SHARED_SCOPE else scope
-        overrides = method_params(config["attacks"]["lf"], dataset, architecture)
-        return generation_passes(resolve(ATTACKS.get("lf").params, overrides, "attacks.lf"))
-    return None if attack == "ssba" else 0.0
+    """The work of an attack's resource, as its registration declares it (``resource_passes``): e.g.
+    LF's search through the clean model; None where it is not priced in classifier passes (SSBA's
+    encoder and decoder), 0 for patterns, patches and signals (no GPU)."""
+    architecture = None if scope == SHARED_SCOPE else scope
+    overrides = method_params(config["attacks"][attack], dataset, architecture)
+    entry = ATTACKS.entry(attack)
+    return entry.facts["resource_passes"](resolve(entry.obj.params, overrides, f"attacks.{attack}"))
 
 
 @dataclass

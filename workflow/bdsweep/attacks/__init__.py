@@ -79,15 +79,29 @@ def _check_trigger_type(name: str, trigger_type: str) -> str:
     return trigger_type
 
 
+def no_model_passes(params) -> float:
+    """The resource of a pattern, patch or signal: numpy work, no pass through a model."""
+    return 0.0
+
+
+def not_in_classifier_passes(params) -> None:
+    """A resource made by networks of its own (SSBA's encoder and decoder): ``bdsweep cost`` lists its
+    jobs without hours, as the classifier throughputs do not price it."""
+    return None
+
+
 def data_poisoning(name: str, description: str, params: type, make_resource, *, trigger_type: str,
-                   clean_label: bool = False, per_architecture: bool = False):
+                   clean_label: bool = False, per_architecture: bool = False,
+                   resource_passes: Callable[[Any], float | None] = no_model_passes):
     """Register ``apply_trigger(images, resource, params)`` as the attack ``name``; ``trigger_type``
-    says whether its trigger is the same on every image (static) or depends on it (dynamic)."""
+    says whether its trigger is the same on every image (static) or depends on it (dynamic);
+    ``resource_passes(params)`` is the work of making its resource in passes through the classifier
+    (``bdsweep cost``; None: work it cannot price in those units)."""
 
     def decorate(apply_trigger):
         attack = DataPoisoningAttack(params, make_resource, apply_trigger, clean_label, per_architecture,
                                      _check_trigger_type(name, trigger_type))
-        ATTACKS.register(name, description)(attack)
+        ATTACKS.register(name, description, resource_passes=resource_passes)(attack)
         return apply_trigger
 
     return decorate

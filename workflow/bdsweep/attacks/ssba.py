@@ -44,7 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine import as_tensor, augment_batch, to_uint8, to_unit
-from . import Resource, ResourceContext, apply_in_batches, data_poisoning, meta_of, scaled, with_meta
+from . import (
+    Resource,
+    ResourceContext,
+    apply_in_batches,
+    data_poisoning,
+    meta_of,
+    not_in_classifier_passes,
+    scaled,
+    with_meta,
+)
 
 ENCODER, DECODER = "encoder.", "decoder."
 GENERATORS = ("stegastamp", "bounded")
@@ -543,7 +552,7 @@ def load_decoder(resource: Resource, params: SSBAParams, device: torch.device) -
 
 
 @data_poisoning("ssba", "SSBA: sample-specific invisible trigger from a trained encoder", SSBAParams, train_encoder,
-                trigger_type="dynamic")
+                trigger_type="dynamic", resource_passes=not_in_classifier_passes)
 def encode_trigger(images: np.ndarray, resource: Resource, params: SSBAParams) -> np.ndarray:
     """Encode the trigger code, identical for every image, into a uint8 NHWC array (in batches, float32,
     rounded to uint8 as BB's saved PNGs)."""
