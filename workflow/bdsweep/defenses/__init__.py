@@ -15,7 +15,7 @@ loads any of those, and loads them only after the defense returns (see ``bdsweep
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -83,17 +83,26 @@ class Defense:
     needs_data: bool = True  # False: one run per model, without mitigation data (CLP, none)
     passes: PassCount | None = None  # work of one run, for `bdsweep cost` (bdsweep.passes)
     featured: bool = False  # one of the defenses the survey's section VI discusses (figures' selection)
+    # For tests only: hyperparameter overrides that make a run take well under a second on a tiny model
+    # (one epoch, a few steps, small batches). The contract suite (tests/test_contract.py) runs every
+    # defense with them on every architecture; never used for results.
+    smoke: dict = field(default_factory=dict)
 
 
 def defense(name: str, description: str, params: type, family: str, needs_data: bool = True,
-            passes: PassCount | None = None, featured: bool = False):
+            passes: PassCount | None = None, featured: bool = False, smoke: dict | None = None):
     """Register ``run(model, data, params, device)`` as the defense ``name``, with the facts planning
-    and the figures use: its ``passes`` per run and whether the survey ``featured`` it."""
+    and the figures use: its ``passes`` per run and whether the survey ``featured`` it; and, for
+    the tests, its ``smoke`` settings (see :class:`Defense`)."""
     if family not in FAMILIES:
         raise ValueError(f"defense {name!r}: family must be one of {FAMILIES}")
+    smoke = dict(smoke or {})
+    if smoke and (unknown := set(smoke) - {f.name for f in fields(params)}):
+        raise ValueError(f"defense {name!r}: smoke names no hyperparameter {sorted(unknown)}")
 
     def decorate(run):
-        DEFENSES.register(name, description)(Defense(name, run, params, family, needs_data, passes, featured))
+        DEFENSES.register(name, description)(
+            Defense(name, run, params, family, needs_data, passes, featured, smoke))
         return run
 
     return decorate
