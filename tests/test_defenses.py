@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData, defense
 from bdsweep.defenses.clp import channel_lipschitz
 from bdsweep.engine import Normalisation
@@ -40,15 +39,9 @@ class SpyParams:
     strength: float = 1.0
 
 
-def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_backdoor, temporary_defense, monkeypatch):
-    loaded = []  # everything the process reads, in order
-    original_array = PreparedDataset.array
-    monkeypatch.setattr(PreparedDataset, "array", lambda self, name: loaded.append(name) or original_array(self, name))
-    import bdsweep.runs as stage
-
-    for helper in ("load_poison", "read_json"):
-        original = getattr(stage, helper)
-        monkeypatch.setattr(stage, helper, lambda path, _f=original, _h=helper: loaded.append(_h) or _f(path))
+def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_backdoor, temporary_defense,
+                                                                     recorded_reads):
+    loaded = recorded_reads  # everything the process reads, in order
     seen = {}
 
     def spy(model, data, params, device):

@@ -1,0 +1,229 @@
+"""The contract every defense keeps, parametrized from the registries at collection time, so a newly
+registered defense or architecture is tested without editing a list.
+
+Every defense runs with the ``smoke`` settings of its registration (``@defense(..., smoke={...})``:
+one epoch, a few steps, small batches) through the defend stage's ``runs.run_defense``:
+
+- on every architecture at 32 and 64 px, on a randomly initialised model and one random image per
+  class (plus the spare draw): it returns a model with finite weights that takes the same images and
+  gives logits for the same classes, keeps every tensor of the model it was given (it may add
+  modules, as NPD's polarizer), leaves no hook on it, and reports details the run file can hold;
+- on the defend stage's own path (the digits model): it reads no test set, poison file or model
+  record while it runs;
+- on the small CNN: two runs from one seed agree; SIGTERM halfway through (at the middle of the
+  checks where its checkpointed loops can stop) stops it, and the rerun resumes to the result of an
+  uninterrupted run; under CPU bfloat16 autocast, where the CUDA path autocasts, it returns finite
+  float32 weights.
+
+What a defense does to a backdoor is tested per method (tests/test_defense_<name>.py); here only
+what every defense promises.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bdsweep.checkpoints import Checkpoint
+from bdsweep.engine import precision
+from bdsweep.errors import Preempted
+from bdsweep.models import ModelParts, create_model
+from bdsweep.registry import ARCHITECTURES, DEFENSES
+from bdsweep.runs import run_defense
+from conftest import SigtermAt, defend, random_mitigation, same_weights, sigterm_at_check
+
+CPU = torch.device("cpu")
+DEFENSE_NAMES = [entry.name for entry in DEFENSES.entries() if entry.implemented]
+ARCHITECTURE_NAMES = ARCHITECTURES.names()
+SIZES = (32, 64)  # CIFAR-10 and GTSRB; Tiny-ImageNet
+CLASSES = 4
+
+
+def smoke_run(name, model, data, checkpoint=None, **overrides) -> dict:
+    """The defend stage's ``run_defense`` of ``name`` with its smoke settings (updated by
+    ``overrides``), seeded as the stage seeds a run; its outcome."""
+    defense = DEFENSES.get(name)
+    torch.manual_seed(0)
+    return run_defense(defense, model, data, defense.params(**{**defense.smoke, **overrides}), CPU, checkpoint)
+
+
+def failure(outcome) -> str:
+    return f"{outcome['reason']}\n{outcome['details'].get('traceback', '')}"
+
+
+def float_tensors(model) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in model.state_dict().items() if value.is_floating_point()}
+
+
+def assert_records_details(outcome) -> None:
+    """Details are a dict the run file can hold (``atomic.write_json``: no NaN, sortable keys)."""
+    assert isinstance(outcome["details"], dict)
+    json.dumps(outcome["details"], sort_keys=True, allow_nan=False)
+
+
+# Every defense on every architecture at every image size.
+
+@pytest.fixture(scope="module")
+def initial_models():
+    """A randomly initialised model per (architecture, size), built once per module (VGG19-BN takes
+    seconds to initialise); every test gets its own copy."""
+    built = {}
+
+    def initial(architecture, size):
+        if (architecture, size) not in built:
+            torch.manual_seed(0)
+            built[architecture, size] = create_model(architecture, CLASSES, size)
+        return copy.deepcopy(built[architecture, size])
+
+    yield initial
+    built.clear()
+
+
+# One SGD step at lr 0.01 on 4 images moves a randomly initialised EfficientNet-B3's depthwise weights
+# by up to ~100 at 32 px (its last stages are 1 x 1 maps; batch statistics of 4 values), so its
+# eval-mode activations overflow: finite weights, non-finite outputs. NAD checks its teacher's
+# activations and reports that as a failed run, as it should (tests/test_defense_nad.py runs it on
+# every architecture at lr 1e-4 for this reason); a trained model does not do this.
+RANDOM_MODEL_OVERFLOWS = {("nad", "efficientnet_b3", 32)}
+
+
+def grid():
+    for name in DEFENSE_NAMES:
+        for architecture in ARCHITECTURE_NAMES:
+            for size in SIZES:
+                marks = [pytest.mark.xfail(strict=True, reason="the random EfficientNet-B3's eval activations "
+                                           "overflow after one step at 32 px; NAD's guard fails the run")
+                         ] if (name, architecture, size) in RANDOM_MODEL_OVERFLOWS else []
+                yield pytest.param(name, architecture, size, marks=marks, id=f"{name}-{architecture}-{size}")
+
+
+@pytest.mark.parametrize("name, architecture, size", list(grid()))
+def test_a_defense_returns_a_finite_model_of_the_same_interface(initial_models, name, architecture, size):
+    model = initial_models(architecture, size)
+    given = sorted((tuple(t.shape), str(t.dtype)) for t in model.state_dict().values())
+    # SPC 1 with the spare draw: one training step per smoke epoch, and FORK's smallest split
+    data = random_mitigation(n=CLASSES, num_classes=CLASSES, size=size, spare=True)
+
+    outcome = smoke_run(name, model, data)
+
+    assert outcome["status"] == "ok", failure(outcome)
+    defended = outcome["model"]
+    assert isinstance(getattr(defended, "parts", None), ModelParts)
+    kept = sorted((tuple(t.shape), str(t.dtype)) for t in defended.state_dict().values())
+    missing = list(given)
+    for entry in kept:  # every tensor it was given is still there (as a multiset): nothing removed or reshaped
+        if entry in missing:
+            missing.remove(entry)
+    assert not missing
+    # the defense's hooks are gone: nothing outside the weights changes what the model computes
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in defended.modules())
+    with torch.no_grad():  # finite weights (run_defense's check), not finite outputs: see RANDOM_MODEL_OVERFLOWS
+        logits = defended.eval()(data.normalisation.normalise(data.images.permute(0, 3, 1, 2).float() / 255))
+    assert logits.shape == (CLASSES, CLASSES) and logits.dtype == torch.float32
+    assert_records_details(outcome)
+
+
+# Every defense on the defend stage's own path.
+
+OPENED: list[str] | None = None  # files opened while a watched defense runs
+
+
+def record_opened_files(event, args):
+    if event == "open" and OPENED is not None:
+        OPENED.append(str(args[0]))
+
+
+@pytest.fixture(scope="module")
+def opened_files():
+    """Audits file opens (an audit hook stays for the process, so it records only while asked)."""
+    sys.addaudithook(record_opened_files)
+
+
+@pytest.mark.parametrize("name", DEFENSE_NAMES)
+def test_a_defense_reads_no_test_poison_or_model_record_while_it_runs(
+        name, digits_backdoor, recorded_reads, opened_files, monkeypatch):
+    global OPENED
+    defense = DEFENSES.get(name)
+    seen = {}
+
+    def watched(*args):
+        global OPENED
+        seen["before"], OPENED = list(recorded_reads), []
+        try:
+            return defense.run(*args)
+        finally:
+            seen["during"], seen["opened"], OPENED = recorded_reads[len(seen["before"]):], OPENED, None
+
+    entry = DEFENSES.entry(name)
+    monkeypatch.setitem(DEFENSES._entries, name, replace(entry, obj=replace(defense, run=watched)))
+    record = defend(digits_backdoor, name, defense.smoke, partition=defense.needs_data, out=f"contract-{name}.json")
+
+    assert record["status"] == "ok", record["reason"]
+    assert set(seen["before"]) <= {"x_train", "y_train"} and seen["during"] == []
+    forbidden = [digits_backdoor / "data" / "x_test.npy", digits_backdoor / "data" / "y_test.npy",
+                 digits_backdoor / "poison.npz", digits_backdoor / "metrics.json"]
+    assert not [path for path in seen["opened"] if any(path == str(f) for f in forbidden)]
+    assert {"x_test", "y_test", "load_poison", "read_json"} <= set(recorded_reads)  # the stage evaluated after
+
+
+# Every defense on the small CNN: determinism, resumption, bfloat16.
+
+def small_run(name, checkpoint=None, **overrides) -> tuple[dict, torch.nn.Module]:
+    """(outcome, model) of a smoke run on a fresh small CNN with 8 random images per class."""
+    torch.manual_seed(0)
+    model = create_model("small_cnn", CLASSES, 16)
+    data = random_mitigation(n=8 * CLASSES, num_classes=CLASSES, size=16, spare=True)
+    return smoke_run(name, model, data, checkpoint, **overrides), model
+
+
+@pytest.mark.parametrize("name", DEFENSE_NAMES)
+def test_a_defense_is_deterministic_on_cpu_for_one_seed(name):
+    first, first_model = small_run(name)
+    second, second_model = small_run(name)
+    assert first["status"] == second["status"] == "ok", failure(first)
+    assert same_weights(first["model"], second["model"])
+    assert first["details"] == second["details"]
+
+
+@pytest.mark.parametrize("name", DEFENSE_NAMES)
+def test_a_defense_stopped_by_sigterm_resumes_to_the_uninterrupted_result(name, tmp_path, monkeypatch):
+    checks = sigterm_at_check(monkeypatch)
+    reference, _ = small_run(name, Checkpoint(tmp_path / "reference.ckpt", "job"))
+    assert reference["status"] == "ok", failure(reference)
+
+    checkpoint = Checkpoint(tmp_path / "run.ckpt", "job")
+    if checks.calls:  # halfway through the points where its loops can stop
+        checks.call, checks.calls = (checks.calls + 1) // 2, 0
+        with pytest.raises(Preempted):
+            small_run(name, checkpoint)
+        checks.call = None
+    else:  # no checkpointed loop: SIGTERM stops it at once, wherever it is
+        defense = DEFENSES.get(name)
+        interrupted = replace(defense, run=SigtermAt(defense.run, 1))
+        monkeypatch.setitem(DEFENSES._entries, name, replace(DEFENSES.entry(name), obj=interrupted))
+        with pytest.raises(Preempted):
+            small_run(name, checkpoint)
+        monkeypatch.undo()
+
+    resumed, _ = small_run(name, checkpoint)
+    assert resumed["status"] == "ok", failure(resumed)
+    assert same_weights(resumed["model"], reference["model"])
+    assert resumed["details"] == reference["details"]
+    assert (resumed["resumed"] is not None) == checkpoint.path.exists()
+
+
+@pytest.mark.parametrize("name", DEFENSE_NAMES)
+def test_a_defense_runs_under_cpu_bfloat16_autocast_as_on_cuda(name):
+    """The CUDA path autocasts to bfloat16 where ``engine.autocast`` says (precision "bf16"); here the
+    CPU does the same, so a dtype error of the GPU path (a bf16 tensor meeting a float32 one outside
+    autocast, bf16 weights left behind) fails on a machine without one."""
+    with precision("bf16", on_cpu=True):
+        outcome, _ = small_run(name)
+    assert outcome["status"] == "ok", failure(outcome)
+    assert {str(t.dtype) for t in float_tensors(outcome["model"]).values()} == {"torch.float32"}
+    assert_records_details(outcome)
