@@ -1,5 +1,5 @@
-"""The contract every defense keeps, parametrized from the registries at collection time, so a newly
-registered defense or architecture is tested without editing a list.
+"""The contract every defense and attack keeps, parametrized from the registries at collection time,
+so a newly registered defense, architecture or attack is tested without editing a list.
 
 Every defense runs with the ``smoke`` settings of its registration (``@defense(..., smoke={...})``:
 one epoch, a few steps, small batches) through the defend stage's ``runs.run_defense``:
@@ -15,8 +15,9 @@ one epoch, a few steps, small batches) through the defend stage's ``runs.run_def
   uninterrupted run; under CPU bfloat16 autocast, where the CUDA path autocasts, it returns finite
   float32 weights.
 
-What a defense does to a backdoor is tested per method (tests/test_defense_<name>.py); here only
-what every defense promises.
+Every attack, with its own ``smoke`` settings, builds its trigger at 32 and 64 px (the end of this
+file). What a defense does to a backdoor, or an attack to a model, is tested per method
+(tests/test_defense_<name>.py, tests/test_attack_training.py); here only what every method promises.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ import json
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
+from bdsweep.attacks import META, HookContext, ResourceContext, is_training_time
 from bdsweep.checkpoints import Checkpoint
-from bdsweep.engine import precision
+from bdsweep.engine import Normalisation, precision, train
 from bdsweep.errors import Preempted
 from bdsweep.models import ModelParts, create_model
-from bdsweep.registry import ARCHITECTURES, DEFENSES
+from bdsweep.recipe import Recipe
+from bdsweep.registry import ARCHITECTURES, ATTACKS, DEFENSES
 from bdsweep.runs import run_defense
 from conftest import SigtermAt, defend, random_mitigation, same_weights, sigterm_at_check
 
@@ -227,3 +231,56 @@ def test_a_defense_runs_under_cpu_bfloat16_autocast_as_on_cuda(name):
     assert outcome["status"] == "ok", failure(outcome)
     assert {str(t.dtype) for t in float_tensors(outcome["model"]).values()} == {"torch.float32"}
     assert_records_details(outcome)
+
+
+# Every attack at every image size.
+
+ATTACK_NAMES = [entry.name for entry in ATTACKS.entries() if entry.implemented]
+
+
+def training_images(size, n=32):
+    """Random uint8 NHWC training images with balanced labels, as a prepared dataset holds them."""
+    generator = np.random.default_rng(size)
+    return generator.integers(0, 256, (n, size, size, 3), dtype=np.uint8), np.arange(n) % CLASSES
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", ATTACK_NAMES)
+def test_an_attack_triggers_images_of_every_size(name, size):
+    """With its smoke settings: a data-poisoning attack builds the same resource twice from one seed
+    (a per-architecture one against a clean model) and stamps uint8 images into changed uint8 images
+    of the same shape; a training-time attack trains a model to finite weights for an epoch,
+    poisons a share of it, and its trigger keeps images in [0, 1]."""
+    attack = ATTACKS.get(name)
+    params = attack.params(**attack.smoke)
+    images, labels = training_images(size)
+    normalisation = Normalisation((0.5,) * 3, (0.25,) * 3, True)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", CLASSES, size)
+    if is_training_time(attack):
+        pixels, targets = torch.from_numpy(images), torch.from_numpy(labels)
+        context = HookContext(pixels, targets, torch.ones(len(labels), dtype=torch.bool), normalisation, CLASSES,
+                              size, target=0, ratio=0.5, seed=0, progress=False)
+        hook = attack.make_hook(context, params)
+        train(model, pixels, targets, hook.training_recipe(Recipe(epochs=1, batch_size=16)), normalisation, 0,
+              description=f"contract {name}", hook=hook, progress=False)
+        assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+        assert 0 < hook.effective_ratio <= 1
+        clean = pixels.permute(0, 3, 1, 2).float() / 255
+        triggered = hook.trigger(clean)
+        assert triggered.shape == clean.shape and triggered.min() >= 0 and triggered.max() <= 1
+        assert not torch.equal(triggered, clean)
+    else:
+        def resource():
+            clean_model = copy.deepcopy(model) if attack.per_architecture else None
+            context = ResourceContext(size, CLASSES, target=0, seed=0, device=CPU, normalisation=normalisation,
+                                      train_images=images, train_labels=labels, clean_model=clean_model)
+            return attack.make_resource(context, params)
+
+        first, second = resource(), resource()
+        assert first.keys() == second.keys()
+        assert all(np.array_equal(first[key], second[key]) for key in first if key != META)  # meta: timings
+        poisoned = attack.apply_trigger(images, first, params)
+        assert poisoned.dtype == np.uint8 and poisoned.shape == images.shape
+        assert (poisoned != images).any()
+        assert np.array_equal(attack.apply_trigger(images, first, params), poisoned)

@@ -126,7 +126,7 @@ def universal_perturbation(context: ResourceContext, params: LFParams) -> Resour
 
 
 @data_poisoning("lf", "LF: low-frequency universal perturbation", LFParams, universal_perturbation,
-                per_architecture=True, trigger_type="static")
+                per_architecture=True, trigger_type="static", smoke={"steps": 2, "batch_size": 4, "images": 8})
 def add_perturbation(images: np.ndarray, resource: Resource, params: LFParams) -> np.ndarray:
     perturbation = resource["perturbation"].astype(np.float64)
     if "pattern" not in meta_of(resource):  # bdsweep's own: whole pixel values, as the toolkit's uint8 files

@@ -284,7 +284,8 @@ def load_decoder(resource: Resource, params: SSBAParams, device: torch.device) -
 
 
 @data_poisoning("ssba", "SSBA: sample-specific invisible trigger from a trained encoder", SSBAParams, train_encoder,
-                trigger_type="dynamic")
+                trigger_type="dynamic",
+                smoke={"steps": 2, "batch_size": 4, "train_images": 8, "eval_images": 4, "width": 4})
 def encode_trigger(images: np.ndarray, resource: Resource, params: SSBAParams) -> np.ndarray:
     """Encode the all-ones code into every image of a uint8 NHWC array (in batches, float32)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,14 +15,14 @@ loads any of those, and loads them only after the defense returns (see ``bdsweep
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..engine import Normalisation
 from ..passes import PassCount
-from ..registry import DEFENSES
+from ..registry import DEFENSES, smoke_settings
 
 FAMILIES = ("none", "pruning", "fine-tuning")
 
@@ -96,9 +96,7 @@ def defense(name: str, description: str, params: type, family: str, needs_data: 
     the tests, its ``smoke`` settings (see :class:`Defense`)."""
     if family not in FAMILIES:
         raise ValueError(f"defense {name!r}: family must be one of {FAMILIES}")
-    smoke = dict(smoke or {})
-    if smoke and (unknown := set(smoke) - {f.name for f in fields(params)}):
-        raise ValueError(f"defense {name!r}: smoke names no hyperparameter {sorted(unknown)}")
+    smoke = smoke_settings("defense", name, params, smoke)
 
     def decorate(run):
         DEFENSES.register(name, description)(
