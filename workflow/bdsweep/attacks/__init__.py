@@ -68,7 +68,7 @@ class DataPoisoningAttack:
     clean_label: bool = False  # poisons only target-class images and keeps their labels
     per_architecture: bool = False  # the resource is computed against a clean model of the architecture
     trigger_type: str = "static"  # TRIGGER_TYPES: the survey's Table III grouping (a column of the results)
-    smoke: dict = field(default_factory=dict)  # for tests only (registry.smoke_settings)
+    smoke: dict = field(default_factory=dict, hash=False)  # for tests only (registry.smoke_settings)
 
 
 TRIGGER_TYPES = ("static", "dynamic")  # the same trigger on every image, or one that depends on the image
@@ -219,7 +219,7 @@ class TrainingTimeAttack:
     params: type
     make_hook: Callable[[HookContext, Any], TrainingHook]
     trigger_type: str = "dynamic"  # TRIGGER_TYPES
-    smoke: dict = field(default_factory=dict)  # for tests only (registry.smoke_settings)
+    smoke: dict = field(default_factory=dict, hash=False)  # for tests only (registry.smoke_settings)
 
 
 def training_time(name: str, description: str, params: type, *, trigger_type: str, smoke: dict | None = None):

@@ -86,7 +86,7 @@ class Defense:
     # For tests only: hyperparameter overrides that make a run take well under a second on a tiny model
     # (one epoch, a few steps, small batches). The contract suite (tests/test_contract.py) runs every
     # defense with them on every architecture; never used for results.
-    smoke: dict = field(default_factory=dict)
+    smoke: dict = field(default_factory=dict, hash=False)
 
 
 def defense(name: str, description: str, params: type, family: str, needs_data: bool = True,
