@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import zlib
@@ -201,17 +202,41 @@ def defend(root, name, params=None, partition=True, out="run.json"):
     return json.loads((root / out).read_text())
 
 
-def random_mitigation(n=4, num_classes=2, size=32, seed=0):
-    """Mitigation data of random images with balanced labels, for mechanism tests of defenses."""
+@pytest.fixture
+def recorded_reads(monkeypatch):
+    """What the defend stage reads, in order, as it reads it: the dataset's arrays by name, and
+    "load_poison" and "read_json" for the backdoor test set and the model's record (which names the
+    target). A test compares it with what had been read when a defense ran."""
+    import bdsweep.runs as stage
+    from bdsweep.data.store import PreparedDataset
+
+    loaded = []
+    array = PreparedDataset.array
+    monkeypatch.setattr(PreparedDataset, "array", lambda self, name: loaded.append(name) or array(self, name))
+    for helper in ("load_poison", "read_json"):
+        original = getattr(stage, helper)
+        monkeypatch.setattr(stage, helper, lambda path, _f=original, _h=helper: loaded.append(_h) or _f(path))
+    return loaded
+
+
+def random_mitigation(n=4, num_classes=2, size=32, seed=0, spare=False):
+    """Mitigation data of random images with balanced labels, for mechanism tests of defenses; with
+    ``spare``, also the extra image per class that the defend stage hands over (FORK's extra draw)."""
     import torch
 
     from bdsweep.defenses import MitigationData
     from bdsweep.engine import Normalisation
 
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=generator)
-    labels = torch.arange(n) % num_classes
-    return MitigationData(images, labels, Normalisation((0.5,) * 3, (0.25,) * 3, True), size, num_classes)
+    normalisation = Normalisation((0.5,) * 3, (0.25,) * 3, True)
+
+    def draw(count):
+        images = torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8, generator=generator)
+        return images, torch.arange(count) % num_classes
+
+    images, labels = draw(n)
+    extra = MitigationData(*draw(num_classes), normalisation, size, num_classes) if spare else None
+    return MitigationData(images, labels, normalisation, size, num_classes, spare=extra)
 
 
 def run_defense(name, model, data, **params):
@@ -237,3 +262,50 @@ def digits(digits_backdoor):
     model, _ = load_model(digits_backdoor / "model.pt")
     data = mitigation_data(PreparedDataset(digits_backdoor / "data"), np.load(digits_backdoor / "spc10.npy"), "cpu")
     return model, data
+
+
+def same_weights(a, b) -> bool:
+    import torch
+
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+class SigtermAt:
+    """Wraps a function; sends this process SIGTERM (as SLURM would) when its n-th call begins."""
+
+    def __init__(self, function, call: int | None):
+        self.function, self.call, self.calls = function, call, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.function(*args, **kwargs)
+
+
+def sigterm_at_check(monkeypatch, stop_at: int | None = None) -> SigtermAt:
+    """Count the SIGTERM checks of every checkpointed loop (``engine.train``'s after each batch, an own
+    loop's at each ``boundary()``: every point where a defense can stop and resume), optionally
+    sending SIGTERM as check ``stop_at`` begins. Needs no knowledge of the defense, so it works for
+    every registered one; ``count_steps`` in test_defense_resume.py counts a defense's own steps."""
+    from contextlib import contextmanager
+
+    from bdsweep import checkpoints, engine
+
+    active = []  # the check of the innermost loop running now
+    counter = SigtermAt(lambda: active[-1](), stop_at)
+    requests = checkpoints.sigterm_requests
+
+    @contextmanager
+    def counted_requests():
+        with requests() as preempted:
+            active.append(preempted)
+            try:
+                yield counter
+            finally:
+                active.pop()
+
+    for module in (checkpoints, engine):  # the engine imported it by name
+        monkeypatch.setattr(module, "sigterm_requests", counted_requests)
+    return counter

@@ -33,7 +33,7 @@ from bdsweep.models import create_model
 from bdsweep.recipe import Recipe
 from bdsweep.registry import DEFENSES
 from bdsweep.runs import run_defense
-from conftest import random_mitigation
+from conftest import SigtermAt, random_mitigation, same_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -55,19 +55,6 @@ SMALL = {
     "mm-bd": {"epochs": 3, "batch_size": 4, "lambda_every": 1},  # the images it classifies right, in 4s
     "rnp": {"unlearn_epochs": 3, "recover_epochs": 3, "batch_size": 16, "clean_threshold": 0.0},
 }
-
-
-class SigtermAt:
-    """Wraps a function; sends this process SIGTERM (as SLURM would) when its n-th call begins."""
-
-    def __init__(self, function, call: int | None):
-        self.function, self.call, self.calls = function, call, 0
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.call:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.function(*args, **kwargs)
 
 
 def count_steps(monkeypatch, name, stop_at=None) -> SigtermAt:
@@ -102,10 +89,6 @@ def defend_directly(name, checkpoint=None, **params):
     torch.manual_seed(1)
     defense = DEFENSES.get(name)
     return run_defense(defense, model, data, defense.params(**{**SMALL[name], **params}), CPU, checkpoint), model
-
-
-def same_weights(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_lists_and_dicts_of_tensors_are_saved_and_restored_into_the_tensors_an_optimiser_holds(tmp_path):

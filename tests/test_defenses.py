@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from bdsweep.data.store import PreparedDataset
 from bdsweep.defenses import Defended, MitigationData, defense
 from bdsweep.defenses.clp import channel_lipschitz
 from bdsweep.engine import Normalisation
 from bdsweep.errors import RETRY_EXIT_CODE
 from bdsweep.params import BatchSize, scale_batch_sizes
 from bdsweep.registry import DEFENSES
+from bdsweep.runs import recordable
 from conftest import defend
 
 
@@ -40,15 +40,9 @@ class SpyParams:
     strength: float = 1.0
 
 
-def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_backdoor, temporary_defense, monkeypatch):
-    loaded = []  # everything the process reads, in order
-    original_array = PreparedDataset.array
-    monkeypatch.setattr(PreparedDataset, "array", lambda self, name: loaded.append(name) or original_array(self, name))
-    import bdsweep.runs as stage
-
-    for helper in ("load_poison", "read_json"):
-        original = getattr(stage, helper)
-        monkeypatch.setattr(stage, helper, lambda path, _f=original, _h=helper: loaded.append(_h) or _f(path))
+def test_a_defense_sees_only_model_mitigation_data_params_and_device(digits_backdoor, temporary_defense,
+                                                                     recorded_reads):
+    loaded = recorded_reads  # everything the process reads, in order
     seen = {}
 
     def spy(model, data, params, device):
@@ -199,3 +193,18 @@ def test_out_of_memory_fails_the_job_without_a_run_file_and_the_retry_halves_the
 
 def test_batch_scaling_keeps_at_least_one_image():
     assert scale_batch_sizes(BatchedParams(batch_size=3, unlearn_batch_size=1), 25) == BatchedParams(1, 1, 3)
+
+
+def test_smoke_settings_name_hyperparameters_and_default_to_none(temporary_defense):
+    with pytest.raises(ValueError, match=r"smoke names no hyperparameter \['epochs'\]"):
+        defense("smoky", "test double", SpyParams, family="fine-tuning", smoke={"epochs": 1})
+    assert "smoky" not in DEFENSES.names()
+    temporary_defense("plain", lambda model, data, params, device: model, SpyParams)
+    assert DEFENSES.get("plain").smoke == {}
+
+
+def test_non_finite_details_are_recorded_as_strings_the_run_file_can_hold():
+    details = {"anomaly_indices": [float("nan"), 0.5, float("inf")], "mad": 0.0, "limits": (float("-inf"), 1)}
+    recorded = recordable(details)
+    assert recorded == {"anomaly_indices": ["nan", 0.5, "inf"], "mad": 0.0, "limits": ("-inf", 1)}
+    json.dumps(recorded, allow_nan=False)

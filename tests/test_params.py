@@ -13,7 +13,7 @@ from bdsweep.params import BatchSize, FixedBatchSize, batch_size_fields, resolve
 from bdsweep.recipe import Recipe, TrainingParams
 from bdsweep.registry import DEFENSES
 
-DEFENSE_PARAMS = {entry.name: entry.obj.params for entry in DEFENSES.entries() if entry.implemented}
+DEFENSE_PARAMS = {entry.name: entry.obj.params for entry in DEFENSES.entries()}
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSE_PARAMS))

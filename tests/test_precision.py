@@ -24,7 +24,13 @@ def test_autocast_follows_the_precision_in_force():
             assert isinstance(autocast(CUDA), torch.autocast)
         assert not isinstance(autocast(CUDA), torch.autocast)
     assert isinstance(autocast(CUDA), torch.autocast)
-    assert not isinstance(autocast(torch.device("cpu")), torch.autocast)  # never on CPU
+    assert not isinstance(autocast(torch.device("cpu")), torch.autocast)  # never on CPU ...
+    with precision("bf16", on_cpu=True):  # ... unless a test asks (tests/test_contract.py)
+        cast = autocast(torch.device("cpu"))
+        assert isinstance(cast, torch.autocast) and cast.fast_dtype == torch.bfloat16
+        with precision("fp32", on_cpu=True):
+            assert not isinstance(autocast(torch.device("cpu")), torch.autocast)
+    assert not isinstance(autocast(torch.device("cpu")), torch.autocast)
     with pytest.raises(ValueError, match="precision"):
         EngineOptions(precision="fp16")
 

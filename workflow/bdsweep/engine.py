@@ -87,26 +87,32 @@ def as_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 _PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("bdsweep_precision", default="bf16")
+# Device types on which "bf16" autocasts: CUDA only, except where a test asks for the CPU too.
+_AUTOCAST_DEVICES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "bdsweep_autocast_devices", default=("cuda",))
 
 
 @contextmanager
-def precision(name: str):
+def precision(name: str, on_cpu: bool = False):
     """Within the block, :func:`autocast` runs in ``name``: "bf16" (autocast on CUDA, faster) or
     "fp32" (no autocast, as the survey's toolkit ran: its ``amp`` is off). Every stage that trains,
-    evaluates or defends runs inside it (``EngineOptions.precision``)."""
+    evaluates or defends runs inside it (``EngineOptions.precision``). ``on_cpu`` makes "bf16"
+    autocast on the CPU as well, where exactly the CUDA path does (for tests only: a dtype error of
+    the GPU path then shows up on a machine without one; CPU bf16 is slow, never used for results)."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
-    token = _PRECISION.set(name)
+    tokens = _PRECISION.set(name), _AUTOCAST_DEVICES.set(("cuda", "cpu") if on_cpu else ("cuda",))
     try:
         yield
     finally:
-        _PRECISION.reset(token)
+        _AUTOCAST_DEVICES.reset(tokens[1])
+        _PRECISION.reset(tokens[0])
 
 
 def autocast(device: torch.device):
     # bf16 keeps the fp32 exponent range, so no loss scaling is needed.
-    if device.type == "cuda" and _PRECISION.get() == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type in _AUTOCAST_DEVICES.get() and _PRECISION.get() == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

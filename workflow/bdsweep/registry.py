@@ -73,6 +73,18 @@ class Registry:
         return self.entry(name).obj
 
 
+def smoke_settings(kind: str, name: str, params: type, smoke: dict | None) -> dict:
+    """A method's ``smoke`` settings, checked: for tests only, the hyperparameter overrides that make
+    one run take well under a second on a tiny model (tests/test_contract.py); every key must be a
+    field of its ``params`` dataclass."""
+    import dataclasses
+
+    smoke = dict(smoke or {})
+    if smoke and (unknown := set(smoke) - {f.name for f in dataclasses.fields(params)}):
+        raise ValueError(f"{kind} {name!r}: smoke names no hyperparameter {sorted(unknown)}")
+    return smoke
+
+
 ATTACKS = Registry("attack", "bdsweep.attacks")
 ARCHITECTURES = Registry("architecture", "bdsweep.models")
 DEFENSES = Registry("defense", "bdsweep.defenses")

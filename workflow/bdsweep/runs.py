@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -64,6 +65,21 @@ def _images_of(data: PreparedDataset, indices: np.ndarray, device: torch.device)
     )
 
 
+def recordable(value):
+    """``value`` (a defense's details) as the run file can hold it: JSON has no NaN or infinity, so a
+    non-finite number (e.g. NC's anomaly index where all trigger norms are equal: FORK's division by a
+    zero MAD) is written as the string "nan", "inf" or "-inf" instead of failing the run file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: recordable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [recordable(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(recordable(item) for item in value)
+    return value
+
+
 def run_defense(defense, model, data: MitigationData, params, device, checkpoint: Checkpoint | None = None) -> dict:
     """Call the defense; turn exceptions and non-finite weights into a failed status. With a
     checkpoint, the defense saves its phases there and SIGTERM stops it with Preempted (a rerun
@@ -77,7 +93,7 @@ def run_defense(defense, model, data: MitigationData, params, device, checkpoint
             resumed_from = session.resumed_from if session is not None else None
             result = defense.run(model, data, params, device)
         if isinstance(result, Defended):
-            result, outcome["details"] = result.model, result.details
+            result, outcome["details"] = result.model, recordable(result.details)
         if not all(torch.isfinite(t).all() for t in result.state_dict().values() if t.is_floating_point()):
             outcome.update(status="failed", reason=NON_FINITE)
         else:

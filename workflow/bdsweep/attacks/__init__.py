@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 
 from ..engine import BatchHook, Normalisation, as_tensor, to_uint8, to_unit
 from ..recipe import Recipe
-from ..registry import ATTACKS
+from ..registry import ATTACKS, smoke_settings
 
 Resource = dict[str, np.ndarray]
 # How a trigger's float result becomes uint8: "truncate" (the survey's toolkit: numpy astype / PIL's
@@ -68,6 +68,7 @@ class DataPoisoningAttack:
     clean_label: bool = False  # poisons only target-class images and keeps their labels
     per_architecture: bool = False  # the resource is computed against a clean model of the architecture
     trigger_type: str = "static"  # TRIGGER_TYPES: the survey's Table III grouping (a column of the results)
+    smoke: dict = field(default_factory=dict, hash=False)  # for tests only (registry.smoke_settings)
 
 
 TRIGGER_TYPES = ("static", "dynamic")  # the same trigger on every image, or one that depends on the image
@@ -92,15 +93,17 @@ def not_in_classifier_passes(params) -> None:
 
 def data_poisoning(name: str, description: str, params: type, make_resource, *, trigger_type: str,
                    clean_label: bool = False, per_architecture: bool = False,
-                   resource_passes: Callable[[Any], float | None] = no_model_passes):
+                   resource_passes: Callable[[Any], float | None] = no_model_passes, smoke: dict | None = None):
     """Register ``apply_trigger(images, resource, params)`` as the attack ``name``; ``trigger_type``
     says whether its trigger is the same on every image (static) or depends on it (dynamic);
     ``resource_passes(params)`` is the work of making its resource in passes through the classifier
-    (``bdsweep cost``; None: work it cannot price in those units)."""
+    (``bdsweep cost``; None: work it cannot price in those units); ``smoke``: the tests' tiny
+    settings (``registry.smoke_settings``)."""
 
     def decorate(apply_trigger):
         attack = DataPoisoningAttack(params, make_resource, apply_trigger, clean_label, per_architecture,
-                                     _check_trigger_type(name, trigger_type))
+                                     _check_trigger_type(name, trigger_type),
+                                     smoke_settings("attack", name, params, smoke))
         ATTACKS.register(name, description, resource_passes=resource_passes)(attack)
         return apply_trigger
 
@@ -230,14 +233,16 @@ class TrainingTimeAttack:
     params: type
     make_hook: Callable[[HookContext, Any], TrainingHook]
     trigger_type: str = "dynamic"  # TRIGGER_TYPES
+    smoke: dict = field(default_factory=dict, hash=False)  # for tests only (registry.smoke_settings)
 
 
-def training_time(name: str, description: str, params: type, *, trigger_type: str):
+def training_time(name: str, description: str, params: type, *, trigger_type: str, smoke: dict | None = None):
     """Register ``make_hook(context, params) -> TrainingHook`` as the attack ``name`` (``trigger_type``
-    as for :func:`data_poisoning`)."""
+    and ``smoke`` as for :func:`data_poisoning`)."""
 
     def decorate(make_hook):
-        attack = TrainingTimeAttack(params, make_hook, _check_trigger_type(name, trigger_type))
+        attack = TrainingTimeAttack(params, make_hook, _check_trigger_type(name, trigger_type),
+                                    smoke_settings("attack", name, params, smoke))
         ATTACKS.register(name, description)(attack)
         return make_hook
 

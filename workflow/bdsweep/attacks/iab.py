@@ -247,6 +247,7 @@ class IABHook(TrainingHook):
                 for key, value in network.state_dict().items()}
 
 
-@training_time("iab", "IAB: input-aware dynamic trigger generator", IABParams, trigger_type="dynamic")
+@training_time("iab", "IAB: input-aware dynamic trigger generator", IABParams, trigger_type="dynamic",
+               smoke={"mask_epochs": 1, "generator_channels": 4, "generator_depth": 2, "mask_batch_size": 8})
 def make_hook(context: HookContext, params: IABParams) -> IABHook:
     return IABHook(context, params)

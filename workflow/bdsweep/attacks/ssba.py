@@ -552,7 +552,8 @@ def load_decoder(resource: Resource, params: SSBAParams, device: torch.device) -
 
 
 @data_poisoning("ssba", "SSBA: sample-specific invisible trigger from a trained encoder", SSBAParams, train_encoder,
-                trigger_type="dynamic", resource_passes=not_in_classifier_passes)
+                trigger_type="dynamic", resource_passes=not_in_classifier_passes,
+                smoke={"epochs": 1, "steps": 2, "batch_size": 4, "train_images": 8, "eval_images": 4, "width": 4})
 def encode_trigger(images: np.ndarray, resource: Resource, params: SSBAParams) -> np.ndarray:
     """Encode the trigger code, identical for every image, into a uint8 NHWC array (in batches, float32,
     rounded to uint8 as BB's saved PNGs)."""

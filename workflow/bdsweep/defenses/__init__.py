@@ -22,7 +22,7 @@ from torch import nn
 
 from ..engine import Normalisation
 from ..passes import PassCount
-from ..registry import DEFENSES
+from ..registry import DEFENSES, smoke_settings
 
 FAMILIES = ("none", "pruning", "fine-tuning")
 
@@ -83,17 +83,24 @@ class Defense:
     needs_data: bool = True  # False: one run per model, without mitigation data (CLP, none)
     passes: PassCount | None = None  # work of one run, for `bdsweep cost` (bdsweep.passes)
     featured: bool = False  # one of the defenses the survey's section VI discusses (figures' selection)
+    # For tests only: hyperparameter overrides that make a run take well under a second on a tiny model
+    # (one epoch, a few steps, small batches). The contract suite (tests/test_contract.py) runs every
+    # defense with them on every architecture; never used for results.
+    smoke: dict = field(default_factory=dict, hash=False)
 
 
 def defense(name: str, description: str, params: type, family: str, needs_data: bool = True,
-            passes: PassCount | None = None, featured: bool = False):
+            passes: PassCount | None = None, featured: bool = False, smoke: dict | None = None):
     """Register ``run(model, data, params, device)`` as the defense ``name``, with the facts planning
-    and the figures use: its ``passes`` per run and whether the survey ``featured`` it."""
+    and the figures use: its ``passes`` per run and whether the survey ``featured`` it; and, for
+    the tests, its ``smoke`` settings (see :class:`Defense`)."""
     if family not in FAMILIES:
         raise ValueError(f"defense {name!r}: family must be one of {FAMILIES}")
+    smoke = smoke_settings("defense", name, params, smoke)
 
     def decorate(run):
-        DEFENSES.register(name, description)(Defense(name, run, params, family, needs_data, passes, featured))
+        DEFENSES.register(name, description)(
+            Defense(name, run, params, family, needs_data, passes, featured, smoke))
         return run
 
     return decorate

@@ -253,7 +253,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("anp", "ANP: adversarial neuron perturbation + mask pruning", ANPParams,
-         family="pruning", passes=passes_per_run, featured=True)
+         family="pruning", passes=passes_per_run, featured=True,
+         smoke={"iterations": 1, "updates_per_pass": 1, "batch_size": 4, "pruning_step": 0.45})
 def adversarial_neuron_pruning(model, data, params: ANPParams, device):
     model = model.to(device)
     generator = torch.Generator(device="cpu").manual_seed(run_seed())

@@ -196,7 +196,7 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("awm", "AWM (the survey's AWN): soft BN-neuron masks trained against a recovered universal trigger",
-         AWMParams, family="pruning", passes=passes_per_run)
+         AWMParams, family="pruning", passes=passes_per_run, smoke={"epochs": 1, "batch_size": 8})
 def adversarial_weight_masking(model, data: MitigationData, params: AWMParams, device):
     if len(data) == 0:
         raise ValueError("AWM needs mitigation data, got none")

@@ -162,7 +162,7 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("bnp", "BNP: prune BN channels whose statistics shift on clean data", BNPParams,
-         family="pruning", passes=passes_per_run, featured=True)
+         family="pruning", passes=passes_per_run, featured=True, smoke={"loader_batch": 8})
 @torch.no_grad()
 def batch_norm_pruning(model, data, params: BNPParams, device):
     model = model.to(device)

@@ -171,7 +171,7 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("fp", "FP: fine-pruning of the lowest-activation inputs of the first linear layer", FPParams,
-         family="pruning", passes=passes_per_run)
+         family="pruning", passes=passes_per_run, smoke={"epochs": 1, "batch_size": 8, "step": 0.25})
 def fine_pruning(model, data, params: FPParams, device):
     model = model.to(device)
     generator = torch.Generator().manual_seed(run_seed())

@@ -124,7 +124,7 @@ class FeatureShift(BatchHook):
 
 
 @defense("fst", "FST: re-initialise the head, fine-tune all weights away from the original head (norm-tied)",
-         FSTParams, family="fine-tuning", passes=epochs_over_images("epochs"))
+         FSTParams, family="fine-tuning", passes=epochs_over_images("epochs"), smoke={"epochs": 1, "batch_size": 8})
 def feature_shift_tuning(model, data, params: FSTParams, device):
     model = model.to(device)
     if (unchanged := untrainable("FST", model, data)) is not None:

@@ -20,7 +20,7 @@ class FTParams(Recipe):
 
 
 @defense("ft", "FT: fine-tune the whole model on the mitigation data", FTParams,
-         family="fine-tuning", passes=epochs_over_images("epochs"))
+         family="fine-tuning", passes=epochs_over_images("epochs"), smoke={"epochs": 1, "batch_size": 8})
 def fine_tune(model, data, params: FTParams, device):
     train(model.to(device), data.images, data.labels, params, data.normalisation, run_seed(), description="FT")
     return model

@@ -141,7 +141,8 @@ class SharpnessAwareStep(BatchHook):
 
 
 @defense("ft-sam", "FT-SAM: fine-tune the whole model with adaptive sharpness-aware minimisation", FTSAMParams,
-         family="fine-tuning", passes=epochs_over_images("epochs", per_image=2.0), featured=True)
+         family="fine-tuning", passes=epochs_over_images("epochs", per_image=2.0), featured=True,
+         smoke={"epochs": 1, "batch_size": 8})
 def sharpness_aware_fine_tuning(model, data, params: FTSAMParams, device):
     model = model.to(device)
     if (unchanged := untrainable("FT-SAM", model, data)) is not None:

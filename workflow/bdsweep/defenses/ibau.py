@@ -224,7 +224,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("i-bau", "i-BAU: adversarial unlearning of a universal perturbation via implicit hypergradients",
-         IBAUParams, family="fine-tuning", passes=passes_per_run)
+         IBAUParams, family="fine-tuning", passes=passes_per_run,
+         smoke={"rounds": 1, "fixed_point_iterations": 1, "batch_size": 8, "perturb_at_least_one": True})
 def implicit_backdoor_adversarial_unlearning(model, data, params: IBAUParams, device):
     model = model.to(device).eval()  # eval throughout, as the reference: BN statistics stay fixed
     n, notes = len(data), []

@@ -186,7 +186,7 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("mm-bd", "MM-BD: learned per-channel activation upper bounds (margin limiting)", MMBDParams,
-         family="pruning", passes=passes_per_run)
+         family="pruning", passes=passes_per_run, smoke={"epochs": 1, "batch_size": 8})
 def mm_bd(model, data, params: MMBDParams, device):
     model = model.to(device).eval()
     notes = []

@@ -165,7 +165,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("nad", "NAD: distil a fine-tuned teacher's attention maps into the backdoored model", NADParams,
-         family="fine-tuning", passes=passes_per_run, featured=True)
+         family="fine-tuning", passes=passes_per_run, featured=True,
+         smoke={"teacher_epochs": 1, "epochs": 1, "batch_size": 8})
 def neural_attention_distillation(model, data, params: NADParams, device):
     model = model.to(device)
     if (unchanged := untrainable("NAD", model, data)) is not None:

@@ -305,7 +305,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("nc", "NC: reverse-engineer a trigger per class, flag small-trigger outliers (MAD), unlearn them",
-         NCParams, family="fine-tuning", passes=passes_per_run)
+         NCParams, family="fine-tuning", passes=passes_per_run,
+         smoke={"epochs": 1, "batch_size": 8, "unlearn_epochs": 1, "unlearn_batch_size": 8})
 def neural_cleanse(model, data, params: NCParams, device):
     model = model.to(device).eval()
     n, notes = len(data), []

@@ -127,7 +127,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("npd", "NPD: train an inserted 1x1 conv+BN polarizer against targeted L2 perturbations", NPDParams,
-         family="pruning", passes=passes_per_run, featured=True)
+         family="pruning", passes=passes_per_run, featured=True,
+         smoke={"warmup_epochs": 1, "epochs": 1, "batch_size": 8, "inner_steps": 1})
 def neural_polarizer(model, data, params: NPDParams, device):
     model = model.to(device).eval()  # everything, the polarizer's BN included, stays in eval mode
     polarizer = insert_polarizer(model)

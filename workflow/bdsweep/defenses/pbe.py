@@ -187,7 +187,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("pbe", "PBE: every epoch a pass on untargeted PGD examples with their true labels, then a clean pass",
-         PBEParams, family="fine-tuning", passes=passes_per_run, featured=True)
+         PBEParams, family="fine-tuning", passes=passes_per_run, featured=True,
+         smoke={"epochs": 1, "adversarial_epochs": 1, "pgd_steps": 1, "batch_size": 8})
 def progressive_backdoor_erasing(model, data, params: PBEParams, device):
     model = model.to(device)
     if (unchanged := untrainable("PBE", model, data)) is not None:

@@ -281,7 +281,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("rnp", "RNP: unlearn, learn a BN-channel mask that recovers clean accuracy, prune low-mask channels",
-         RNPParams, family="pruning", passes=passes_per_run)
+         RNPParams, family="pruning", passes=passes_per_run,
+         smoke={"unlearn_epochs": 1, "recover_epochs": 1, "batch_size": 8, "threshold_step": 0.2})
 def reconstructive_neuron_pruning(model, data, params: RNPParams, device):
     model = model.to(device)
     notes = []

@@ -200,7 +200,8 @@ def passes_per_run(p, m: MitigationSize) -> float:
 
 
 @defense("sau", "SAU: unlearn adversarial examples shared by the model and its frozen original", SAUParams,
-         family="fine-tuning", passes=passes_per_run, featured=True)
+         family="fine-tuning", passes=passes_per_run, featured=True,
+         smoke={"rounds": 1, "adv_steps": 1, "batch_size": 8})
 def shared_adversarial_unlearning(model, data, params: SAUParams, device):
     model = model.to(device)
     if (unchanged := untrainable("SAU", model, data)) is not None:
