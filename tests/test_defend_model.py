@@ -215,11 +215,23 @@ def test_inputs_rewritten_with_equal_bytes_rerun_nothing_and_other_bytes_rerun_t
     defend_model(model, defenses, tmp_path / "runs")
     first = mtimes(tmp_path / "runs")
     later = max(first.values()) + 10**9
-    for name in ("model.pt", "spc10.npy", "poison.npz"):  # retrained, redrawn, re-poisoned: same bytes
+    # Retrained, redrawn, re-poisoned, the dataset prepared again: the same bytes.
+    for name in ("model.pt", "spc10.npy", "poison.npz", "data/meta.json", "data/x_test.npy", "data/x_train.npy"):
         (model / name).write_bytes((model / name).read_bytes())
         os.utime(model / name, ns=(later, later))
     _, manifest = defend_model(model, defenses, tmp_path / "runs")
     assert (manifest["computed"], manifest["reused"]) == (0, 3) and mtimes(tmp_path / "runs") == first
+
+    def replace_array(path, array):  # by rename, as the stages write: an open memory map keeps the old file
+        np.save(tmp_path / "array.npy", array)
+        os.replace(tmp_path / "array.npy", path)
+
+    test_images = np.load(model / "data" / "x_test.npy")
+    replace_array(model / "data" / "x_test.npy", test_images[::-1].copy())  # other test images, same meta.json
+    _, manifest = defend_model(model, defenses, tmp_path / "runs")
+    assert manifest["computed"] == 3  # every run is evaluated on them
+    replace_array(model / "data" / "x_test.npy", test_images)
+    defend_model(model, defenses, tmp_path / "runs")
 
     partition = np.load(model / "spc10.npy")
     np.save(model / "spc10.npy", partition[::-1].copy())  # another draw: only the run using it reruns

@@ -27,6 +27,7 @@ import torch
 
 from .atomic import read_json, read_npy, write_json
 from .checkpoints import Checkpoint, defense_checkpoints, trace
+from .data.store import FILES as DATASET_FILES
 from .data.store import PreparedDataset
 from .defenses import Defended, MitigationData
 from .engine import as_tensor, select_device
@@ -199,8 +200,18 @@ def record_out_of_memory(run_out: str | os.PathLike, percent: int, device: torch
                                      "device_memory_bytes": device_memory(device), "error": error})
 
 
+def dataset_digest(directory: str | os.PathLike) -> str:
+    """Content hash of a prepared dataset: its record and every array a run reads (the mitigation
+    images are rows of ``x_train``, the evaluation reads the test arrays), so a dataset prepared
+    again with equal bytes reruns nothing and one with other images reruns every run on it."""
+    digest = hashlib.sha256()
+    for name in DATASET_FILES:
+        digest.update(f"{name}:{file_digest(os.path.join(directory, name))};".encode())
+    return digest.hexdigest()
+
+
 def model_digests(files: ModelFiles) -> dict:
-    return {"model": file_digest(files.model), "data": file_digest(os.path.join(files.data, "meta.json")),
+    return {"model": file_digest(files.model), "data": dataset_digest(files.data),
             "backdoor": file_digest(files.backdoor)}
 
 

@@ -357,7 +357,7 @@ def universal_perturbation(context: ResourceContext, params: LFParams) -> Resour
 
 @data_poisoning("lf", "LF: low-frequency universal perturbation", LFParams, universal_perturbation,
                 per_architecture=True, trigger_type="static", resource_passes=generation_passes,
-                smoke={"images": 4, "passes": 1, "deepfool_iterations": 3})
+                smoke={"images": 4, "passes": 1, "deepfool_iterations": 50})
 def add_perturbation(images: np.ndarray, resource: Resource, params: LFParams) -> np.ndarray:
     # x is whole and the clip to [0, 255] comes first, so uint8(clip(x + p)) = clip(x + floor(p)): exact in
     # integers. The toolkit's files are uint8(v x 255), i.e. floor: bdsweep's own v x 255 lands on the same bytes.
