@@ -33,7 +33,7 @@ def changed(**edits):
 
 def test_demo_and_paper_presets_are_valid(paper_workdir):
     demo = validate_config(DEMO)
-    assert len(models(demo)) == 8 + 1 and len(runs(demo)) == 9 * (1 + 1 + 2 * 1)  # 8 attacks + a clean model
+    assert len(models(demo)) == 8 + 1 and len(runs(demo)) == 9 * (1 + 2 * 2)  # none + (FP + FT-SAM) x 2 SPC
     paper = validate_config(PAPER)
     assert paper["mitigation"]["seeds"] == 10 and paper["ratios"] == [0.01, 0.05, 0.1]
     assert set(paper["defenses"]) >= {"ft", "clp", "none"}
@@ -145,8 +145,8 @@ def test_only_datasets_restricts_a_method_to_some_datasets():
     two = {"digits": DEMO["datasets"]["digits"], "more": {"source": "digits", "image_size": 16}}
     config = validate_config(changed(datasets=two, defenses__ft__only_datasets=["more"]))
     ft_datasets = {run["dataset"] for run in runs(config) if run["defense"] == "ft"}
-    clp_datasets = {run["dataset"] for run in runs(config) if run["defense"] == "clp"}
-    assert ft_datasets == {"more"} and clp_datasets == {"digits", "more"}
+    fp_datasets = {run["dataset"] for run in runs(config) if run["defense"] == "fp"}
+    assert ft_datasets == {"more"} and fp_datasets == {"digits", "more"}
     assert PAPER["defenses"]["nc"]["only_datasets"] == ["cifar10"]
 
 

@@ -63,7 +63,7 @@ def test_lf_without_clean_models_still_trains_its_clean_model():
     counts = job_counts(config)
     assert counts["train_model"] == 5 + 1  # badnets, blended, sig, lf, ssba + LF's clean model
     assert counts["defend_model"] == 8  # no runs on that clean model
-    assert counts["runs"] == 8 * 4
+    assert counts["runs"] == 8 * 5  # none + (FP + FT-SAM) x 2 SPC
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_json_output_adds_up(capsys):
     assert result["total_gpu_hours"] == pytest.approx(sum(hours))
     defend = next(s for s in result["stages"] if s["rule"] == "defend_model")
     assert defend["gpu_hours"] == pytest.approx(sum(row["gpu_hours"] for row in result["defenses"].values()))
-    assert sum(row["runs"] for row in result["defenses"].values()) == 36
+    assert sum(row["runs"] for row in result["defenses"].values()) == 45  # 9 models x (none + (FP + FT-SAM) x 2 SPC)
 
 
 def test_a_missing_throughput_entry_names_the_architecture_and_size(tmp_path, capsys):

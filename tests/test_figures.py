@@ -93,3 +93,43 @@ def test_the_featured_figures_show_exactly_the_defenses_registered_as_featured(t
     labels = {tick.get_text().lower() for tick in fig.axes[-1].get_xticklabels()}
     assert labels and all(any(name in label for name in FEATURED) for label in labels)
     assert not any(label.startswith(("fp", "ft ")) or label == "ft" for label in labels)
+
+
+def crowded_table() -> pd.DataFrame:
+    """Defenses whose medians coincide (none, FP, CLP, BNP) or nearly do (FT, FT-SAM, SAU)."""
+    medians = {"none": (0.96, 0.0, 0.0), "fp": (0.96, 0.0, 0.0), "clp": (0.96, 0.0, 0.0), "bnp": (0.96, 0.0, 0.0),
+               "ft": (0.05, 0.9, 0.1), "ft-sam": (0.06, 0.91, 0.1), "sau": (0.05, 0.9, 0.11)}
+    rows = [{"attack": "badnets", "defense": defense, "family": FAMILIES[defense], "spc": spc, "status": "ok",
+             "post_asr": asr, "rdr": rdr, "arr": arr}
+            for defense, (asr, rdr, arr) in medians.items() for spc in (2, 10)]
+    return pd.DataFrame(rows).astype({"spc": "Int64"})
+
+
+@pytest.mark.parametrize("name", ["fig7_medians", "fig9_spc_medians"])
+def test_point_labels_of_coinciding_points_do_not_overlap(name):
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from bdsweep.figures import LABEL_OFFSET, POINT_LABEL
+
+    fig = FIGURES[name].draw(crowded_table())
+    try:
+        for dpi in (fig.dpi, 150):  # as drawn, and as saved (draw() saves at 150 dpi)
+            fig.set_dpi(dpi)
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            for ax in fig.axes:
+                labels = [text for text in ax.texts if text.get_gid() == POINT_LABEL]
+                if not labels:
+                    continue
+                assert len(labels) == 7 and len({label.get_text() for label in labels}) == 7
+                boxes = [Text.get_window_extent(label, renderer) for label in labels]  # the text, not its line
+                for (a, box_a), (b, box_b) in itertools.combinations(zip(labels, boxes), 2):
+                    assert not box_a.overlaps(box_b), (a.get_text(), b.get_text())
+                # repelled, not scattered: each label stays within a few label heights of its point
+                assert all(abs(x) < 80 and abs(y) < 80 for x, y in (label.xyann for label in labels))
+                moved = [max(abs(a - b) for a, b in zip(label.xyann, LABEL_OFFSET)) > 1 for label in labels]
+                assert sum(moved) >= 5  # at most one label of each crowd keeps its place
+                assert moved == [label.arrow_patch.get_visible() for label in labels]  # a line to its point
+    finally:
+        plt.close(fig)

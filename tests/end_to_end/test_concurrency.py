@@ -44,7 +44,7 @@ def tiny_workdir(tmp_path_factory):
         datasets={"digits": {**config["datasets"]["digits"], "image_size": 16}},
         attacks={"badnets": {}},
         clean_models=False,
-        defenses={"none": {}, "ft": {**config["defenses"]["ft"], "epochs": 1}},
+        defenses={"none": {}, "ft": {"epochs": 1, "lr": 0.05}},
         mitigation={**config["mitigation"], "spc": [10]},
         training={**config["training"], "epochs": 2},
         engine={"checkpoint_every": 1},

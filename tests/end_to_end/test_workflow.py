@@ -33,7 +33,8 @@ def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["training"]["epochs"] = 6
-    config["defenses"]["ft"]["epochs"] = 3
+    for defense in ("fp", "ft-sam"):
+        config["defenses"][defense]["epochs"] = 3
     config["attacks"]["iab"]["mask_epochs"] = 1
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir)
@@ -42,9 +43,10 @@ def demo(tmp_path_factory):
 
 def test_demo_produces_the_table_every_figure_and_every_summary_table(demo):
     table = pd.read_parquet(demo / "results" / "table" / "runs.parquet")
-    # 8 backdoored models + 1 clean model, each x (none + CLP + FT x 2 SPC x 1 seed)
-    assert len(table) == 9 * 4 and (table["status"] == "ok").all()
-    assert sorted(table["defense"].value_counts().items()) == [("clp", 9), ("ft", 18), ("none", 9)]
+    # 8 backdoored models + 1 clean model, each x (none + (FP + FT-SAM) x 2 SPC x 1 seed)
+    assert len(table) == 9 * 5 and (table["status"] == "ok").all()
+    assert sorted(table["defense"].value_counts().items()) == [("fp", 18), ("ft-sam", 18), ("none", 9)]
+    assert set(table["family"]) == {"none", "pruning", "fine-tuning"}
     assert set(table["attack"]) == {"badnets", "blended", "sig", "lf", "ssba", "iab", "wanet", "bpp", "clean"}
     assert set(table["ratio"]) == {0.0, 0.1} and set(table["spc"].dropna()) == {2, 10}
     clean = table[table["attack"] == "clean"]
@@ -63,7 +65,7 @@ def test_demo_produces_the_table_every_figure_and_every_summary_table(demo):
     for name in TABLES:
         assert (demo / "results" / "tables" / f"{name}.md").read_text().startswith(TABLES[name].caption)
     medians = pd.read_csv(demo / "results" / "tables" / "medians.csv")
-    assert set(medians["defense"]) == {"none", "clp", "ft"} and medians["ci_low"].le(medians["median"]).all()
+    assert set(medians["defense"]) == {"none", "fp", "ft-sam"} and medians["ci_low"].le(medians["median"]).all()
     assert len(pd.read_csv(demo / "results" / "tables" / "clean_cost.csv")) == 3  # every defense ran on the clean model
 
 
@@ -93,7 +95,7 @@ def test_deleting_one_run_file_reruns_exactly_that_run(demo):
     assert victim.exists()
     assert {path: mtime for path, mtime in run_mtimes(demo).items() if path != victim} == {
         path: mtime for path, mtime in before.items() if path != victim}
-    assert len(pd.read_parquet(demo / "results" / "table" / "runs.parquet")) == 9 * 4
+    assert len(pd.read_parquet(demo / "results" / "table" / "runs.parquet")) == 9 * 5
 
 
 def plan(*args):

@@ -26,10 +26,14 @@ plt = LazyModule("matplotlib.pyplot", before=headless_matplotlib)
 sns = LazyModule("seaborn", before=headless_matplotlib)
 cbook = LazyModule("matplotlib.cbook")
 patches = LazyModule("matplotlib.patches")
+mtext = LazyModule("matplotlib.text")
 
 FAMILY_MARK = {"pruning": "\u2020", "fine-tuning": "\u2666", "none": ""}  # the paper's dagger / diamond
 BASELINE_STYLE = {"pruning": ("tab:blue", "--"), "fine-tuning": ("tab:red", ":")}
 PANELS = (("post_asr", "ASR"), ("rdr", "RDR"), ("arr", "ARR"))
+POINT_LABEL = "point-label"  # the gid of the labels that repel_point_labels moves apart
+LABEL_OFFSET = (4.0, 4.0)  # points up and right of its point, where a label starts
+LABEL_GAP = 2.0  # points left between two labels once repelled
 # The approaches section VI-C discusses (the best of each family); the supplementary figures show all.
 
 
@@ -129,6 +133,7 @@ def medians(table: pd.DataFrame) -> plt.Figure:
         median_scatter(ax, summary, column, title)
     fig.suptitle("Median RDR and ARR vs median ASR per defense (bottom-left is ideal)")
     fig.tight_layout()
+    repel_point_labels(fig)
     return fig
 
 
@@ -158,6 +163,7 @@ def spc_medians(table: pd.DataFrame) -> plt.Figure:
             axes[row, index].set_title(f"SPC {spc}")
     fig.suptitle("Median RDR and ARR vs median ASR per defense and SPC (bottom-left is ideal)")
     fig.tight_layout()
+    repel_point_labels(fig)
     return fig
 
 
@@ -170,7 +176,8 @@ def median_scatter(ax: plt.Axes, summary: pd.DataFrame, column: str, title: str)
     sns.scatterplot(data=summary, x="post_asr", y=column, hue="family", style="family", s=70, ax=ax)
     for row in summary.itertuples():
         ax.annotate(row.label, (row.post_asr, getattr(row, column)), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    xytext=LABEL_OFFSET, fontsize=8, gid=POINT_LABEL,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5, "shrinkA": 0, "shrinkB": 4})
     for family, defense in BASELINES.items():
         base = summary[summary["defense"] == defense]
         if len(base):
@@ -183,6 +190,61 @@ def median_scatter(ax: plt.Axes, summary: pd.DataFrame, column: str, title: str)
     top = max(summary[column].max(), 0) * 1.15 or 0.1
     ax.set_ylim(min(0, summary[column].min() * 1.15) - 0.02 * top, top)
     ax.legend(fontsize="small", loc="best")
+
+
+def repel_point_labels(fig: plt.Figure, gap: float = LABEL_GAP, max_rounds: int = 200) -> None:
+    """Move the point labels of each axes apart until no two of their text boxes overlap.
+
+    Defenses with (nearly) the same medians put their labels on top of each other. Each round
+    measures every label's text box with the renderer, and every overlapping pair is pushed apart
+    along the direction in which it overlaps least (half the overlap each, plus ``gap`` points);
+    labels of the same point stack vertically. A label that moved keeps a thin line to its point.
+    Call it once the layout is final (after ``tight_layout``): the boxes are measured in pixels.
+    """
+    renderer = fig.canvas.get_renderer()
+    points_per_pixel = 72 / fig.dpi
+    for ax in fig.axes:
+        labels = [text for text in ax.texts if text.get_gid() == POINT_LABEL]
+        for _ in range(max_rounds):
+            moves = label_separations(labels, renderer, gap / points_per_pixel)
+            if not moves:
+                break
+            for index, (dx, dy) in moves.items():
+                x, y = labels[index].xyann
+                labels[index].xyann = (x + dx * points_per_pixel, y + dy * points_per_pixel)
+        for label in labels:  # the line to the point only where the label left its place
+            moved = max(abs(a - b) for a, b in zip(label.xyann, LABEL_OFFSET))
+            label.arrow_patch.set_visible(moved > 1.0)
+
+
+def label_separations(labels: list, renderer, gap: float) -> dict[int, tuple[float, float]]:
+    """Per label that overlaps another, the move in pixels that separates it (summed over pairs)."""
+    boxes = []
+    for label in labels:
+        label.update_positions(renderer)
+        boxes.append(mtext.Text.get_window_extent(label, renderer))  # the text, without its line
+    moves: dict[int, tuple[float, float]] = {}
+
+    def push(index: int, dx: float, dy: float) -> None:
+        x, y = moves.get(index, (0.0, 0.0))
+        moves[index] = (x + dx, y + dy)
+
+    for i, a in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            overlap_x = min(a.x1, b.x1) - max(a.x0, b.x0) + gap
+            overlap_y = min(a.y1, b.y1) - max(a.y0, b.y0) + gap
+            if overlap_x <= 0 or overlap_y <= 0:
+                continue
+            if overlap_y <= overlap_x:  # the earlier label goes up when both are at the same height
+                sign = 1.0 if (a.y0 + a.y1) >= (b.y0 + b.y1) else -1.0
+                push(i, 0.0, sign * overlap_y / 2)
+                push(j, 0.0, -sign * overlap_y / 2)
+            else:
+                sign = 1.0 if (a.x0 + a.x1) >= (b.x0 + b.x1) else -1.0
+                push(i, sign * overlap_x / 2, 0.0)
+                push(j, -sign * overlap_x / 2, 0.0)
+    return moves
 
 
 # Facets of Figs. 10-14: (column or derived level, axis label, the paper's order of known levels).
