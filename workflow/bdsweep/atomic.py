@@ -4,6 +4,7 @@ and say how to get a good one."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -55,6 +56,15 @@ def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
 
 # What to do about a damaged file the workflow wrote: every output is remade when it is missing.
 REMAKE = "delete it and run the same snakemake command again, which remakes it (and what depends on it)"
+
+
+def file_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file's bytes (None for no file): what runs and checkpoints compare, so that an
+    input rewritten with equal bytes, or a results directory copied, invalidates nothing."""
+    if path is None:
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from .atomic import atomic_path, file_digest
 from .errors import Preempted
 
 # Snakemake deletes a job's log before every attempt (a retry, or a SLURM requeue), so the events
@@ -55,10 +55,7 @@ def fingerprint(arguments: dict, files: list[str | os.PathLike] = ()) -> str:
     """A hash of a job's arguments and of its input files' contents: an input rewritten with equal
     bytes (a poison file redrawn, a results directory copied) keeps the checkpoint, as it keeps a
     defense run (``runs.up_to_date``). Hashing costs about a second per GB, once per job."""
-    digests = []
-    for path in files:
-        with open(path, "rb") as handle:
-            digests.append((str(path), hashlib.file_digest(handle, "sha256").hexdigest()))
+    digests = [(str(path), file_digest(path)) for path in files]
     blob = json.dumps({"arguments": arguments, "files": digests}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import read_json, read_npy, write_json
+from .atomic import file_digest, read_json, read_npy, write_json
 from .checkpoints import Checkpoint, defense_checkpoints, trace
 from .data.store import FILES as DATASET_FILES
 from .data.store import PreparedDataset
@@ -133,18 +133,6 @@ class RunSpec:
     coordinates: dict
     partition: str | None
     out: str
-
-
-def file_digest(path: str | None) -> str | None:
-    """Content hash of an input file; contents, not modification times, so copying a results
-    directory does not invalidate its runs."""
-    if path is None:
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inputs_fingerprint(run: RunSpec, digests: dict, batch_percent: int = 100) -> str:
